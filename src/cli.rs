@@ -1,0 +1,160 @@
+//! The command line. Flags and `GRAFT_*` variables override the config file;
+//! both are judged by the same parser as the file.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigErrors, Overrides};
+
+/// A caching reverse proxy that gives OCI Distribution 1.0 registries the
+/// OCI 1.1 referrers API and serves as an edge cache for CI runners.
+#[derive(Parser, Debug)]
+#[command(name = "graft", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy in front of an upstream registry.
+    Serve(ServeArgs),
+}
+
+/// Options shared by every command that reads the configuration.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML). Without it, config/graft.toml is read when
+    /// present.
+    #[arg(long, env = "GRAFT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Upstream registry origin, e.g. https://registry.internal:5000
+    /// [config: upstream.url; default http://127.0.0.1:5000]
+    #[arg(long, env = "GRAFT_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Directory for the index and the content cache
+    /// [config: storage.data_dir; default ./graft-data]
+    #[arg(long, env = "GRAFT_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<String>,
+    /// Extra CA certificates (PEM) trusted for the upstream, on top of the
+    /// system roots [config: upstream.ca_file]
+    #[arg(long, env = "GRAFT_UPSTREAM_CA_FILE", value_name = "FILE")]
+    pub upstream_ca_file: Option<String>,
+    /// Log format: text or json [config: log.format; default text]. The
+    /// level comes from RUST_LOG (default info).
+    #[arg(long, env = "GRAFT_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Address to listen on [config: server.listen; default 127.0.0.1:5001]
+    #[arg(long, env = "GRAFT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// TLS certificate chain (PEM) for the listener [config: server.tls_cert]
+    #[arg(long, env = "GRAFT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// TLS private key (PEM) for the listener [config: server.tls_key]
+    #[arg(long, env = "GRAFT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// Upstream connect timeout, e.g. 5s [config: upstream.connect_timeout]
+    #[arg(long, env = "GRAFT_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Time allowed for the upstream's response head, e.g. 60s
+    /// [config: upstream.response_timeout]
+    #[arg(long, env = "GRAFT_RESPONSE_TIMEOUT", value_name = "DURATION")]
+    pub response_timeout: Option<String>,
+    /// Time a client has to send a request head, e.g. 30s
+    /// [config: server.header_read_timeout]
+    #[arg(long, env = "GRAFT_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+    /// How long unused upstream connections stay pooled, e.g. 90s
+    /// [config: upstream.idle_timeout]
+    #[arg(long, env = "GRAFT_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// How long in-flight requests may finish after SIGTERM, e.g. 30s
+    /// [config: server.shutdown_grace]
+    #[arg(long, env = "GRAFT_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+}
+
+impl ConfigArgs {
+    fn overrides(&self, o: &mut Overrides) {
+        o.set("upstream.url", self.upstream.clone());
+        o.set("storage.data_dir", self.data_dir.clone());
+        o.set("upstream.ca_file", self.upstream_ca_file.clone());
+        o.set("log.format", self.log_format.clone());
+    }
+
+    /// Loads the file (the named one must exist; the default may not) and
+    /// applies `extra` overrides on top.
+    pub fn load(&self, extra: impl FnOnce(&mut Overrides)) -> Result<Config, ConfigErrors> {
+        let mut o = Overrides::default();
+        self.overrides(&mut o);
+        extra(&mut o);
+        let default = PathBuf::from("config/graft.toml");
+        let file = match &self.config {
+            Some(p) => (p.as_path(), true),
+            None => (default.as_path(), false),
+        };
+        Config::load(Some(file), &o)
+    }
+}
+
+impl ServeArgs {
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        self.common.load(|o| {
+            o.set("server.listen", self.listen.clone());
+            o.set("server.tls_cert", self.tls_cert.clone());
+            o.set("server.tls_key", self.tls_key.clone());
+            o.set("upstream.connect_timeout", self.connect_timeout.clone());
+            o.set("upstream.response_timeout", self.response_timeout.clone());
+            o.set(
+                "server.header_read_timeout",
+                self.header_read_timeout.clone(),
+            );
+            o.set("upstream.idle_timeout", self.idle_timeout.clone());
+            o.set("server.shutdown_grace", self.shutdown_grace.clone());
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "graft",
+            "serve",
+            "--config",
+            "/nonexistent-but-unused",
+            "--listen",
+            "127.0.0.1:6000",
+            "--upstream",
+            "https://reg.example:5000",
+            "--data-dir",
+            "/tmp/x",
+            "--log-format",
+            "json",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command;
+        let mut args = args;
+        args.common.config = None;
+        let c = args.load().expect("valid");
+        assert_eq!(c.server.listen.port(), 6000);
+        assert_eq!(c.upstream.url, "https://reg.example:5000");
+        assert_eq!(c.log.format, crate::config::LogFormat::Json);
+    }
+}

@@ -1,0 +1,49 @@
+//! graft: a caching reverse proxy that gives OCI Distribution 1.0
+//! registries the OCI 1.1 referrers API.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (`graft serve`, …); the binary only parses it
+//!   and calls in here.
+//! - [`config`]: defaults, `graft.toml`, `GRAFT_*` variables and flags, with
+//!   every bad key reported.
+//! - [`server`]: the accept loop (TCP or TLS, HTTP/1.1 and HTTP/2) and
+//!   graceful shutdown.
+//! - [`route`]: which endpoint of the distribution spec a request is for.
+//! - [`proxy`]: one handler per endpoint family; pass-through for the rest.
+//! - [`upstream`]: the pooled client to the registry, header hygiene and URL
+//!   rewriting.
+//! - [`oci`]: the spec's nouns (`Digest`, `RepoName`, `Reference`, error codes).
+//! - [`error`]: the one place errors become OCI error responses.
+//! - [`body`]: the one body type, and byte counting for the access log.
+
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod oci;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::Config;
+pub use error::Error;
+
+/// Serves `config` on `listener` until `shutdown` resolves, then drains
+/// in-flight requests for up to `server.shutdown_grace` and returns.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let server_cfg = config.server.clone();
+    let proxy = Arc::new(proxy::Proxy::new(config)?);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, upstream = proxy.upstream.origin(), "graft listening");
+    }
+    server::serve(listener, &server_cfg, proxy, shutdown).await
+}

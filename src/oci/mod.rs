@@ -1,0 +1,16 @@
+//! The spec's nouns, validated where they are made: [`Digest`],
+//! [`RepoName`], [`Reference`], and the error codes of the distribution spec.
+
+pub(crate) mod digest;
+mod error_code;
+pub(crate) mod name;
+
+pub use digest::Digest;
+pub use error_code::ErrorCode;
+pub use name::{Reference, RepoName};
+
+/// Media types graft needs to recognise.
+pub mod media {
+    pub const IMAGE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const IMAGE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+}

@@ -1,0 +1,127 @@
+//! Request handling: route a request, hand it to the handler for its
+//! endpoint family, and write one access-log line when its response body is
+//! done.
+
+mod health;
+mod passthrough;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{header, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::body::{self, Body, Counted, OnDone};
+use crate::config::Config;
+use crate::error::Error;
+use crate::route::Route;
+use crate::upstream::{ClientSide, Upstream};
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Proxy {
+    pub(crate) config: Arc<Config>,
+    pub(crate) upstream: Upstream,
+}
+
+/// What a handler reports besides its response, for the access log.
+#[derive(Default)]
+pub(crate) struct Outcome {
+    /// Time until the upstream's response head, when the upstream was asked.
+    pub upstream: Option<Duration>,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Result<Proxy, Error> {
+        let upstream = Upstream::new(&config.upstream)?;
+        Ok(Proxy {
+            config: Arc::new(config),
+            upstream,
+        })
+    }
+
+    /// Handles one request; never fails: errors become OCI error responses.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let client = ClientSide { peer, scheme, host };
+
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone())));
+        let route = Route::parse(&method, &path);
+        let kind = route.as_ref().map(Route::kind).unwrap_or("invalid");
+        let mut outcome = Outcome::default();
+        let resp = match route {
+            Ok(route) => self
+                .dispatch(route, req, &client, &mut outcome)
+                .await
+                .unwrap_or_else(Error::into_response),
+            Err(e) => e.into_response(),
+        };
+
+        let status = resp.status().as_u16();
+        let upstream = outcome.upstream;
+        resp.map(move |b| {
+            OnDone::new(b, move |bytes_out, complete| {
+                let total = started.elapsed();
+                let bytes_in = bytes_in.load(Ordering::Relaxed);
+                tracing::info!(
+                    target: "graft::access",
+                    method = %method,
+                    path = %path,
+                    route = kind,
+                    status,
+                    bytes_in,
+                    bytes_out,
+                    complete,
+                    total_ms = millis(total),
+                    upstream_ms = upstream.map(millis),
+                    "request"
+                );
+            })
+            .boxed_unsync()
+        })
+    }
+
+    async fn dispatch(
+        &self,
+        route: Route,
+        req: Request<Body>,
+        client: &ClientSide,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, Error> {
+        match route {
+            Route::Health => Ok(health::healthz()),
+            Route::Ready => Ok(health::readyz(self).await),
+            Route::NotFound | Route::Metrics => Err(Error::NotFound),
+            Route::Base
+            | Route::Catalog
+            | Route::Manifest { .. }
+            | Route::Blob { .. }
+            | Route::UploadStart { .. }
+            | Route::Upload { .. }
+            | Route::TagsList { .. }
+            | Route::Referrers { .. }
+            | Route::OtherV2 => passthrough::forward(self, req, client, outcome).await,
+        }
+    }
+}
+
+/// Milliseconds with microsecond precision, for log fields.
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}

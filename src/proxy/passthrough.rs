@@ -1,0 +1,26 @@
+//! Pass-through: the request goes to the upstream as it came (less
+//! hop-by-hop headers), the answer comes back as it went, bodies streaming in
+//! both directions. A non-2xx upstream answer is not an error here.
+
+use http::{Request, Response};
+
+use super::{Outcome, Proxy};
+use crate::body::{self, Body};
+use crate::error::Error;
+use crate::upstream::ClientSide;
+
+pub(crate) async fn forward(
+    proxy: &Proxy,
+    req: Request<Body>,
+    client: &ClientSide,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, Error> {
+    let up_req = proxy.upstream.forward_request(req, client)?;
+    let (resp, took) = proxy.upstream.send(up_req).await?;
+    outcome.upstream = Some(took);
+    let (mut parts, incoming) = resp.into_parts();
+    proxy
+        .upstream
+        .rewrite_response_headers(&mut parts.headers, client);
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
+}

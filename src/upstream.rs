@@ -1,0 +1,437 @@
+//! The connection to the registry graft fronts: a pooled hyper-util client
+//! (rustls for https), header hygiene in both directions, and the rewriting
+//! of `Location` and `Link` URLs so clients keep talking to graft.
+
+use std::io::BufReader;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+use crate::error::Error;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The upstream registry.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<Connector, Body>,
+    /// `scheme://authority`, no trailing slash.
+    origin: Arc<str>,
+    authority: HeaderValue,
+    response_timeout: Duration,
+}
+
+/// A failure to get a response head from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+}
+
+impl From<UpstreamError> for Error {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Unreachable(m) => Error::UpstreamUnreachable(m),
+            UpstreamError::Timeout(d) => Error::UpstreamTimeout(d),
+        }
+    }
+}
+
+/// Where the client reached graft, for rewriting URLs back to it.
+#[derive(Clone, Debug)]
+pub struct ClientSide {
+    pub peer: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The `Host` the client used (or HTTP/2 `:authority`).
+    pub host: Option<String>,
+}
+
+impl ClientSide {
+    fn origin(&self) -> Option<String> {
+        self.host.as_ref().map(|h| format!("{}://{h}", self.scheme))
+    }
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, Error> {
+        let tls = tls_config(cfg)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        let uri: Uri = cfg
+            .url
+            .parse()
+            .map_err(|e| Error::Internal(format!("upstream url: {e}")))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| Error::Internal("upstream url has no host".into()))?;
+        Ok(Upstream {
+            client,
+            origin: cfg.url.trim_end_matches('/').into(),
+            authority: HeaderValue::from_str(authority.as_str())
+                .map_err(|e| Error::Internal(format!("upstream host: {e}")))?,
+            response_timeout: cfg.response_timeout,
+        })
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The upstream URI for a client's path and query.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, Error> {
+        format!("{}{path_and_query}", self.origin)
+            .parse()
+            .map_err(|e| Error::BadRequest(format!("unusable request target: {e}")))
+    }
+
+    /// Sends a request and waits for the response head. The body streams
+    /// afterwards; it is the caller's to forward or read.
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
+        req.headers_mut()
+            .insert(header::HOST, self.authority.clone());
+        let started = Instant::now();
+        let fut = self.client.request(req);
+        match tokio::time::timeout(self.response_timeout, fut).await {
+            Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
+            Ok(Ok(resp)) => Ok((resp, started.elapsed())),
+            Ok(Err(e)) => Err(classify(&e, self.response_timeout)),
+        }
+    }
+
+    /// Forwards a client request: same method, path, query, headers (less
+    /// hop-by-hop, plus `X-Forwarded-*`) and streamed body.
+    pub fn forward_request(
+        &self,
+        req: Request<Body>,
+        client: &ClientSide,
+    ) -> Result<Request<Body>, Error> {
+        let (mut parts, body) = req.into_parts();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = self.uri(pq)?;
+        strip_hop_by_hop(&mut parts.headers);
+        // The client's expectation was already met by graft's own server.
+        parts.headers.remove(header::EXPECT);
+        add_forwarded(&mut parts.headers, client);
+        parts.version = http::Version::HTTP_11;
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Cleans an upstream response head before it goes to the client.
+    pub fn rewrite_response_headers(&self, headers: &mut HeaderMap, client: &ClientSide) {
+        strip_hop_by_hop(headers);
+        let Some(client_origin) = client.origin() else {
+            return;
+        };
+        if let Some(v) = headers.get(header::LOCATION) {
+            if let Some(new) = rewrite_url(v.to_str().unwrap_or(""), &self.origin, &client_origin) {
+                if let Ok(hv) = HeaderValue::from_str(&new) {
+                    headers.insert(header::LOCATION, hv);
+                }
+            }
+        }
+        let links: Vec<HeaderValue> = headers
+            .get_all(header::LINK)
+            .iter()
+            .map(|v| {
+                let s = v.to_str().unwrap_or("");
+                rewrite_link(s, &self.origin, &client_origin)
+                    .and_then(|n| HeaderValue::from_str(&n).ok())
+                    .unwrap_or_else(|| v.clone())
+            })
+            .collect();
+        if !links.is_empty() {
+            headers.remove(header::LINK);
+            for l in links {
+                headers.append(header::LINK, l);
+            }
+        }
+    }
+}
+
+/// Tells a connection failure from a timeout, looking through the error's
+/// sources for the I/O error underneath.
+fn classify(e: &hyper_util::client::legacy::Error, limit: Duration) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut msg = e.to_string();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return UpstreamError::Timeout(limit);
+            }
+        }
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg = format!("{msg}: {text}");
+        }
+        source = s.source();
+    }
+    UpstreamError::Unreachable(msg)
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for h in named {
+        headers.remove(h);
+    }
+    for h in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(h);
+    }
+}
+
+fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
+    let ip = client.peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme));
+    if let Some(h) = client
+        .host
+        .as_deref()
+        .and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        headers.insert("x-forwarded-host", h);
+    }
+}
+
+/// Points an absolute URL on the upstream back at graft; other hosts (blob
+/// storage redirects) and relative URLs stay as they are.
+fn rewrite_url(url: &str, upstream_origin: &str, client_origin: &str) -> Option<String> {
+    let n = upstream_origin.len();
+    if url.len() >= n && url.as_bytes()[..n].eq_ignore_ascii_case(upstream_origin.as_bytes()) {
+        let rest = &url[n..];
+        if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
+            return Some(format!("{client_origin}{rest}"));
+        }
+    }
+    None
+}
+
+/// Rewrites every `<url>` in a `Link` header value.
+fn rewrite_link(value: &str, upstream_origin: &str, client_origin: &str) -> Option<String> {
+    let mut out = String::with_capacity(value.len());
+    let mut changed = false;
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let Some(close) = rest[open..].find('>') else {
+            break;
+        };
+        let url = &rest[open + 1..open + close];
+        out.push_str(&rest[..=open]);
+        match rewrite_url(url, upstream_origin, client_origin) {
+            Some(new) => {
+                changed = true;
+                out.push_str(&new);
+            }
+            None => out.push_str(url),
+        }
+        out.push('>');
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(format!("tls: {e}")))?;
+    if cfg.insecure_skip_verify {
+        tracing::warn!(
+            "upstream.insecure_skip_verify is on: upstream certificates are not checked"
+        );
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // One unparsable system certificate must not take the rest down.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &cfg.ca_file {
+        let file = std::fs::File::open(path)
+            .map_err(|e| Error::Internal(format!("upstream.ca_file {}: {e}", path.display())))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+            let cert = cert.map_err(|e| {
+                Error::Internal(format!("upstream.ca_file {}: {e}", path.display()))
+            })?;
+            roots.add(cert).map_err(|e| {
+                Error::Internal(format!("upstream.ca_file {}: {e}", path.display()))
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::Internal(format!(
+                "upstream.ca_file {}: no PEM certificates found",
+                path.display()
+            )));
+        }
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// Accepts any server certificate (`upstream.insecure_skip_verify`), still
+/// checking that handshake signatures are well-formed.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Foo"),
+        );
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            "docker-content-digest",
+            HeaderValue::from_static("sha256:x"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("docker-content-digest"));
+    }
+
+    #[test]
+    fn upstream_urls_point_back_at_graft() {
+        let up = "http://127.0.0.1:5000";
+        let me = "http://graft:5001";
+        assert_eq!(
+            rewrite_url(
+                "http://127.0.0.1:5000/v2/a/blobs/uploads/x?_state=y",
+                up,
+                me
+            )
+            .as_deref(),
+            Some("http://graft:5001/v2/a/blobs/uploads/x?_state=y")
+        );
+        assert_eq!(rewrite_url("http://127.0.0.1:50001/v2/", up, me), None);
+        assert_eq!(rewrite_url("https://s3.example/bucket/x", up, me), None);
+        assert_eq!(rewrite_url("/v2/a/blobs/uploads/x", up, me), None);
+        assert_eq!(
+            rewrite_link(
+                "<http://127.0.0.1:5000/v2/_catalog?last=b&n=1>; rel=\"next\"",
+                up,
+                me
+            )
+            .as_deref(),
+            Some("<http://graft:5001/v2/_catalog?last=b&n=1>; rel=\"next\"")
+        );
+        assert_eq!(
+            rewrite_link("</v2/_catalog?last=b>; rel=\"next\"", up, me),
+            None
+        );
+    }
+}
