@@ -20,6 +20,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy in front of an upstream registry.
     Serve(ServeArgs),
+    /// Exit 0 when graft's /healthz answers 200 (for container HEALTHCHECKs,
+    /// where no curl is installed).
+    Healthcheck {
+        /// The health URL to probe (plain http).
+        #[arg(long, default_value = "http://127.0.0.1:5001/healthz")]
+        url: String,
+    },
 }
 
 /// Options shared by every command that reads the configuration.

@@ -519,4 +519,21 @@ mod tests {
         assert_eq!(parse_size("4MiB"), Ok(4 << 20));
         assert!(parse_size("4XB").is_err());
     }
+
+    #[test]
+    fn example_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/graft.toml");
+        let text = std::fs::read_to_string(&path).expect("config/graft.toml");
+        let table: toml::Table = text.parse().expect("valid TOML");
+        for (key, _) in KEYS {
+            let (section, name) = key.split_once('.').expect("section.key");
+            assert!(
+                table.get(section).and_then(|s| s.get(name)).is_some(),
+                "{key} missing from config/graft.toml"
+            );
+        }
+        let c = Config::load(Some((&path, true)), &Overrides::default()).expect("valid");
+        let d = Config::default();
+        assert_eq!(format!("{c:?}"), format!("{d:?}"), "example values differ from the defaults");
+    }
 }
