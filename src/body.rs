@@ -136,3 +136,25 @@ impl<F: FnOnce(u64, bool)> Drop for OnDone<F> {
         }
     }
 }
+
+/// Why [`collect_limited`] gave up.
+#[derive(Debug)]
+pub enum CollectError {
+    TooLarge,
+    Broken(BoxError),
+}
+
+/// Reads a whole body of at most `limit` bytes (manifests, never blobs).
+pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, CollectError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(CollectError::Broken)?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > limit {
+                return Err(CollectError::TooLarge);
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(buf.freeze())
+}

@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the proxy in front of an upstream registry.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Exit 0 when graft's /healthz answers 200 (for container HEALTHCHECKs,
     /// where no curl is installed).
     Healthcheck {
@@ -48,6 +48,19 @@ pub struct ConfigArgs {
     /// system roots [config: upstream.ca_file]
     #[arg(long, env = "GRAFT_UPSTREAM_CA_FILE", value_name = "FILE")]
     pub upstream_ca_file: Option<String>,
+    /// graft's own upstream user for background work (basic auth)
+    /// [config: upstream.username]
+    #[arg(long, env = "GRAFT_UPSTREAM_USERNAME", value_name = "USER")]
+    pub upstream_username: Option<String>,
+    /// Password for --upstream-username; prefer the environment variable
+    /// [config: upstream.password]
+    #[arg(
+        long,
+        env = "GRAFT_UPSTREAM_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub upstream_password: Option<String>,
     /// Log format: text or json [config: log.format; default text]. The
     /// level comes from RUST_LOG (default info).
     #[arg(long, env = "GRAFT_LOG_FORMAT", value_name = "FORMAT")]
@@ -94,6 +107,8 @@ impl ConfigArgs {
         o.set("storage.data_dir", self.data_dir.clone());
         o.set("upstream.ca_file", self.upstream_ca_file.clone());
         o.set("log.format", self.log_format.clone());
+        o.set("upstream.username", self.upstream_username.clone());
+        o.set("upstream.password", self.upstream_password.clone());
     }
 
     /// Loads the file (the named one must exist; the default may not) and
@@ -156,8 +171,9 @@ mod tests {
             "json",
         ])
         .expect("parses");
-        let Command::Serve(args) = cli.command;
-        let mut args = args;
+        let Command::Serve(mut args) = cli.command else {
+            panic!("not serve")
+        };
         args.common.config = None;
         let c = args.load().expect("valid");
         assert_eq!(c.server.listen.port(), 6000);

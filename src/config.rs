@@ -48,6 +48,11 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// How long `/readyz` waits for the upstream's `/v2/`.
     pub ready_timeout: Duration,
+    /// graft's own upstream credentials (basic auth), used only for work no
+    /// client is waiting on: finishing owed fallback-tag writes after a
+    /// restart, `graft reindex`. Never sent on a client's behalf.
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -114,6 +119,8 @@ impl Default for Config {
                 response_timeout: Duration::from_secs(60),
                 idle_timeout: Duration::from_secs(90),
                 ready_timeout: Duration::from_secs(3),
+                username: None,
+                password: None,
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from("graft-data"),
@@ -220,6 +227,14 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("upstream.ready_timeout", |c, v| {
         c.upstream.ready_timeout = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("upstream.username", |c, v| {
+        c.upstream.username = Some(parse_str(v)?.to_string()).filter(|s| !s.is_empty());
+        Ok(())
+    }),
+    ("upstream.password", |c, v| {
+        c.upstream.password = Some(parse_str(v)?.to_string()).filter(|s| !s.is_empty());
         Ok(())
     }),
     ("storage.data_dir", |c, v| {
@@ -378,6 +393,9 @@ impl Config {
                 }
             }
         }
+        if self.upstream.password.is_some() && self.upstream.username.is_none() {
+            errors.push("`upstream.password` is set but `upstream.username` is not".into());
+        }
         if self.server.max_manifest_bytes == 0 {
             errors.push("`server.max_manifest_bytes`: must be at least 1".into());
         }
@@ -534,6 +552,10 @@ mod tests {
         }
         let c = Config::load(Some((&path, true)), &Overrides::default()).expect("valid");
         let d = Config::default();
-        assert_eq!(format!("{c:?}"), format!("{d:?}"), "example values differ from the defaults");
+        assert_eq!(
+            format!("{c:?}"),
+            format!("{d:?}"),
+            "example values differ from the defaults"
+        );
     }
 }

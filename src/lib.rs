@@ -11,6 +11,10 @@
 //!   graceful shutdown.
 //! - [`route`]: which endpoint of the distribution spec a request is for.
 //! - [`proxy`]: one handler per endpoint family; pass-through for the rest.
+//! - [`referrers`]: the referrers service — listing, learning from fallback
+//!   tags, keeping them true, crash recovery.
+//! - [`index`]: the only code that opens sled.
+//! - [`failpoint`]: crash points for the kill tests (feature `failpoints`).
 //! - [`upstream`]: the pooled client to the registry, header hygiene and URL
 //!   rewriting.
 //! - [`oci`]: the spec's nouns (`Digest`, `RepoName`, `Reference`, error codes).
@@ -21,8 +25,11 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failpoint;
+pub mod index;
 pub mod oci;
 pub mod proxy;
+pub mod referrers;
 pub mod route;
 pub mod server;
 pub mod upstream;
@@ -42,8 +49,24 @@ pub async fn run(
 ) -> Result<(), Error> {
     let server_cfg = config.server.clone();
     let proxy = Arc::new(proxy::Proxy::new(config)?);
+    tokio::spawn(recover_in_background(proxy.referrers().clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = proxy.upstream.origin(), "graft listening");
     }
     server::serve(listener, &server_cfg, proxy, shutdown).await
+}
+
+/// Finishes referrer pushes and fallback-tag writes a crash or an upstream
+/// outage left owed, retrying until none remain.
+async fn recover_in_background(referrers: Arc<referrers::Referrers>) {
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        match referrers.recover().await {
+            Ok(0) => return,
+            Ok(n) => tracing::warn!(owed = n, "referrer work still owed; retrying"),
+            Err(e) => tracing::error!(error = %e, "recovery failed; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(60));
+    }
 }

@@ -55,9 +55,13 @@ fn healthcheck(url: &str) -> Result<(), String> {
         .ok_or("no address")?;
     let timeout = std::time::Duration::from_secs(3);
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).map_err(|e| e.to_string())?;
     if &head[9..12] == b"200" {

@@ -7,14 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 
@@ -126,6 +128,33 @@ impl Upstream {
         }
     }
 
+    /// A request graft makes on its own account: reading or writing a
+    /// fallback tag, checking a referrer. `auth` is the client's
+    /// `Authorization` (graft acts for that client) or graft's own.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Option<&HeaderValue>,
+        headers: &[(HeaderName, &str)],
+        body: Bytes,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = Request::builder().method(method).uri(
+            self.uri(path)
+                .map_err(|e| UpstreamError::Unreachable(e.to_string()))?,
+        );
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        for (name, value) in headers {
+            req = req.header(name, *value);
+        }
+        let req = req
+            .body(body::full(body))
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        Ok(self.send(req).await?.0)
+    }
+
     /// Forwards a client request: same method, path, query, headers (less
     /// hop-by-hop, plus `X-Forwarded-*`) and streamed body.
     pub fn forward_request(
@@ -177,6 +206,17 @@ impl Upstream {
                 headers.append(header::LINK, l);
             }
         }
+    }
+}
+
+/// Reads a response body of at most `limit` bytes; a longer one is an error
+/// (graft only reads manifests and indexes, never blobs, this way).
+pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, UpstreamError> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(UpstreamError::Unreachable(format!(
+            "reading upstream body: {e}"
+        ))),
     }
 }
 

@@ -1,10 +1,13 @@
 //! The spec's nouns, validated where they are made: [`Digest`],
-//! [`RepoName`], [`Reference`], and the error codes of the distribution spec.
+//! [`RepoName`], [`Reference`], [`Descriptor`], [`ImageIndex`], and the
+//! error codes of the distribution spec.
 
+pub(crate) mod descriptor;
 pub(crate) mod digest;
 mod error_code;
 pub(crate) mod name;
 
+pub use descriptor::{Descriptor, ImageIndex, ManifestFields};
 pub use digest::Digest;
 pub use error_code::ErrorCode;
 pub use name::{Reference, RepoName};
@@ -13,4 +16,5 @@ pub use name::{Reference, RepoName};
 pub mod media {
     pub const IMAGE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
     pub const IMAGE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const EMPTY_JSON: &str = "application/vnd.oci.empty.v1+json";
 }

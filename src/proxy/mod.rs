@@ -3,7 +3,9 @@
 //! done.
 
 mod health;
+mod manifest;
 mod passthrough;
+mod referrers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +19,8 @@ use hyper::body::Incoming;
 use crate::body::{self, Body, Counted, OnDone};
 use crate::config::Config;
 use crate::error::Error;
+use crate::index::Index;
+use crate::referrers::Referrers;
 use crate::route::Route;
 use crate::upstream::{ClientSide, Upstream};
 
@@ -24,6 +28,7 @@ use crate::upstream::{ClientSide, Upstream};
 pub struct Proxy {
     pub(crate) config: Arc<Config>,
     pub(crate) upstream: Upstream,
+    pub(crate) referrers: Arc<Referrers>,
 }
 
 /// What a handler reports besides its response, for the access log.
@@ -34,12 +39,25 @@ pub(crate) struct Outcome {
 }
 
 impl Proxy {
+    /// Opens the index under the data directory and connects the upstream.
     pub fn new(config: Config) -> Result<Proxy, Error> {
         let upstream = Upstream::new(&config.upstream)?;
+        let index = Index::open(&config.storage.data_dir.join("index"))?;
+        let referrers = Referrers::new(
+            index,
+            upstream.clone(),
+            config.referrers.clone(),
+            own_credentials(&config.upstream),
+        );
         Ok(Proxy {
             config: Arc::new(config),
             upstream,
+            referrers,
         })
+    }
+
+    pub fn referrers(&self) -> &Arc<Referrers> {
+        &self.referrers
     }
 
     /// Handles one request; never fails: errors become OCI error responses.
@@ -108,17 +126,33 @@ impl Proxy {
             Route::Health => Ok(health::healthz()),
             Route::Ready => Ok(health::readyz(self).await),
             Route::NotFound | Route::Metrics => Err(Error::NotFound),
+            Route::Manifest { name, reference } => {
+                manifest::handle(self, name, reference, req, client, outcome).await
+            }
+            Route::Referrers { name, digest } => {
+                referrers::handle(self, name, digest, req, client, outcome).await
+            }
             Route::Base
             | Route::Catalog
-            | Route::Manifest { .. }
             | Route::Blob { .. }
             | Route::UploadStart { .. }
             | Route::Upload { .. }
             | Route::TagsList { .. }
-            | Route::Referrers { .. }
             | Route::OtherV2 => passthrough::forward(self, req, client, outcome).await,
         }
     }
+}
+
+/// graft's own `Authorization` for background work, from
+/// `upstream.username`/`upstream.password`.
+pub fn own_credentials(cfg: &crate::config::UpstreamConfig) -> Option<http::HeaderValue> {
+    use base64::Engine as _;
+    let user = cfg.username.as_deref()?;
+    let pass = cfg.password.as_deref().unwrap_or("");
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let mut v = http::HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// Milliseconds with microsecond precision, for log fields.

@@ -1,0 +1,540 @@
+//! The referrers service: what graft knows about referrers, how it learns
+//! more, and how it keeps the upstream's fallback tags true.
+//!
+//! Sources of truth, in order: what passed through graft (the index), the
+//! upstream fallback tag (read and merged on every query when its digest
+//! changed), and a reindex. The fallback tag is the durable shared copy, so
+//! every write to it is a merge: graft reads the tag, ingests what it does
+//! not know, and writes the union. Writes for one (repository, subject) are
+//! serialized inside graft because the upstream has no conditional PUT.
+
+mod fallback;
+mod writer;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+use crate::config::{FallbackTag, ReferrersConfig, ReferrersMode};
+use crate::error::Error;
+use crate::index::Index;
+use crate::oci::{media, Descriptor, Digest, ManifestFields, RepoName};
+use crate::upstream::{read_limited, Upstream};
+
+pub use fallback::{Access, Denial};
+
+/// Largest manifest or index graft reads from the upstream for itself.
+const READ_LIMIT: usize = 8 * 1024 * 1024;
+
+const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Whether the upstream has its own referrers API (mode `auto`).
+const NATIVE_UNKNOWN: u8 = 0;
+const NATIVE_YES: u8 = 1;
+const NATIVE_NO: u8 = 2;
+
+pub struct Referrers {
+    index: Index,
+    upstream: Upstream,
+    cfg: ReferrersConfig,
+    /// Graft's own credentials, for work no client is waiting on (finishing
+    /// owed tag writes after a restart, reindexing).
+    own_auth: Option<HeaderValue>,
+    native: AtomicU8,
+    writer: writer::TagWriter,
+    recent: fallback::RecentChecks,
+}
+
+/// What checking one referrer candidate found.
+enum Verdict {
+    /// It is a referrer of this subject; here is its descriptor.
+    Referrer(Digest, Descriptor),
+    /// It exists but is not a referrer of the subject in question.
+    NotReferrer,
+    /// The upstream could not tell now (unreachable, 5xx, 401): decide later.
+    Unknown,
+}
+
+impl Referrers {
+    pub fn new(
+        index: Index,
+        upstream: Upstream,
+        cfg: ReferrersConfig,
+        own_auth: Option<HeaderValue>,
+    ) -> Arc<Referrers> {
+        let native = match cfg.mode {
+            ReferrersMode::Auto => NATIVE_UNKNOWN,
+            ReferrersMode::Passthrough => NATIVE_YES,
+            ReferrersMode::Synthesize => NATIVE_NO,
+        };
+        Arc::new(Referrers {
+            index,
+            upstream,
+            cfg,
+            own_auth,
+            native: AtomicU8::new(native),
+            writer: writer::TagWriter::default(),
+            recent: fallback::RecentChecks::default(),
+        })
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn config(&self) -> &ReferrersConfig {
+        &self.cfg
+    }
+
+    /// `Some(true)` when the upstream serves the referrers API itself and
+    /// graft should pass it through; `None` while `auto` has not probed.
+    pub fn upstream_is_native(&self) -> Option<bool> {
+        match self.native.load(Ordering::Relaxed) {
+            NATIVE_YES => Some(true),
+            NATIVE_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Records what a probe (or an `OCI-Subject` on a push answer) showed.
+    /// Only `auto` learns; forced modes stay as configured.
+    pub fn learn_native(&self, native: bool) {
+        if self.cfg.mode == ReferrersMode::Auto {
+            let v = if native { NATIVE_YES } else { NATIVE_NO };
+            if self.native.swap(v, Ordering::Relaxed) != v {
+                tracing::info!(native, "upstream referrers API support detected");
+            }
+        }
+    }
+
+    fn writes_tags(&self) -> bool {
+        self.cfg.fallback_tag == FallbackTag::Write && self.upstream_is_native() != Some(true)
+    }
+
+    /// Every referrer of `subject` in `repo` that graft knows or can learn
+    /// from the upstream fallback tag, ordered by digest. Checks first that
+    /// the client may read `repo` upstream.
+    pub async fn list(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Access<Vec<Descriptor>>, Error> {
+        match self.read_fallback(repo, subject, auth, true).await? {
+            Access::Denied(resp) => return Ok(Access::Denied(resp)),
+            Access::Granted(Some(tag)) => {
+                if self.ingest(repo, Some(subject), &tag.index, auth).await? {
+                    self.index.set_fallback_seen(repo, subject, &tag.digest)?;
+                }
+            }
+            Access::Granted(None) => {}
+        }
+        Ok(Access::Granted(self.index.referrers(repo, subject)?))
+    }
+
+    /// Before a push with `subject` is forwarded: record the intent durably,
+    /// so a crash after the upstream accepts it cannot lose the referrer.
+    pub async fn before_push(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        d: &Descriptor,
+    ) -> Result<(), Error> {
+        self.index.add_intent(repo, subject, d)?;
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    /// After the upstream answered a push announced by [`before_push`].
+    pub async fn after_push(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        d: &Descriptor,
+        accepted: bool,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        if !accepted {
+            self.index.remove_intent(repo, subject, &d.digest)?;
+            return Ok(());
+        }
+        crate::failpoint::hit("after-upstream-accept");
+        self.record(repo, subject, d).await?;
+        if self.writes_tags() {
+            self.write_tag(repo, subject, auth).await;
+        }
+        Ok(())
+    }
+
+    /// Indexes an accepted referrer: the owed tag write first, then the
+    /// entry, then the intent is dropped — each step is safe to repeat.
+    async fn record(&self, repo: &RepoName, subject: &Digest, d: &Descriptor) -> Result<(), Error> {
+        if self.writes_tags() {
+            self.index.owe_tag_write(repo, subject)?;
+        }
+        self.index.add(repo, subject, d)?;
+        self.index.remove_intent(repo, subject, &d.digest)?;
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    /// After the upstream accepted a `DELETE` of `digest`: it no longer
+    /// refers to anything, and the fallback tags that listed it are rewritten.
+    pub async fn after_delete(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let subjects = self.index.remove_referrer(repo, digest)?;
+        if subjects.is_empty() {
+            self.index.flush().await?;
+            return Ok(());
+        }
+        if self.writes_tags() {
+            for s in &subjects {
+                self.index.owe_tag_write(repo, s)?;
+            }
+        }
+        self.index.flush().await?;
+        if self.writes_tags() {
+            for s in &subjects {
+                self.write_tag(repo, s, auth).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes what a crash interrupted: intents whose push the upstream
+    /// accepted become index entries, and owed tag writes are written.
+    /// Returns how many items are still owed (to retry later).
+    pub async fn recover(&self) -> Result<usize, Error> {
+        let auth = self.own_auth.clone();
+        for intent in self.index.intents()? {
+            let path = format!("/v2/{}/manifests/{}", intent.repo, intent.descriptor.digest);
+            let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
+            match self
+                .upstream
+                .call(Method::HEAD, &path, auth.as_ref(), &accept, Bytes::new())
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(repo = %intent.repo, subject = %intent.subject, referrer = %intent.descriptor.digest, "recovering a referrer the upstream accepted before a restart");
+                    self.record(&intent.repo, &intent.subject, &intent.descriptor)
+                        .await?;
+                }
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                    self.index.remove_intent(
+                        &intent.repo,
+                        &intent.subject,
+                        &intent.descriptor.digest,
+                    )?;
+                }
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), repo = %intent.repo, "cannot check an interrupted push yet")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot check an interrupted push yet"),
+            }
+        }
+        if self.writes_tags() {
+            for (repo, subject) in self.index.owed_tag_writes()? {
+                self.write_tag(&repo, &subject, auth.as_ref()).await;
+            }
+        }
+        self.index.flush().await?;
+        let owed = self.index.intents()?.len()
+            + if self.writes_tags() {
+                self.index.owed_tag_writes()?.len()
+            } else {
+                0
+            };
+        Ok(owed)
+    }
+
+    /// Ingests the entries of a fallback-tag index: each one graft has not
+    /// seen is checked once by fetching its manifest and reading `subject`
+    /// (some registries resolve the tag to the subject itself, and old
+    /// clients make mistakes). `subject` is `None` when the tag name does not
+    /// give the full digest (truncated long digests): then each entry's own
+    /// `subject` is used, if its fallback tag is `tag`.
+    ///
+    /// Returns whether every entry was decided.
+    async fn ingest(
+        &self,
+        repo: &RepoName,
+        subject: Option<&Digest>,
+        index: &[Descriptor],
+        auth: Option<&HeaderValue>,
+    ) -> Result<bool, Error> {
+        let mut complete = true;
+        for entry in index {
+            if self.index.is_tombstoned(repo, &entry.digest)? {
+                continue;
+            }
+            if let Some(s) = subject {
+                if self.index.contains(repo, s, &entry.digest)?
+                    || self.index.is_rejected(repo, s, &entry.digest)?
+                {
+                    continue;
+                }
+            }
+            match self.check(repo, &entry.digest, auth).await {
+                Verdict::Referrer(found, d) if subject.is_none_or(|s| *s == found) => {
+                    self.index.add(repo, &found, &d)?;
+                }
+                Verdict::Referrer(..) | Verdict::NotReferrer => {
+                    if let Some(s) = subject {
+                        tracing::info!(%repo, subject = %s, entry = %entry.digest, "fallback tag lists a manifest that does not refer to its subject; ignored");
+                        self.index.reject(repo, s, &entry.digest)?;
+                    }
+                }
+                Verdict::Unknown => complete = false,
+            }
+        }
+        Ok(complete)
+    }
+
+    /// Fetches a manifest and tells whether it is a referrer, and of what.
+    async fn check(&self, repo: &RepoName, digest: &Digest, auth: Option<&HeaderValue>) -> Verdict {
+        let path = format!("/v2/{repo}/manifests/{digest}");
+        let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
+        let resp = match self
+            .upstream
+            .call(Method::GET, &path, auth, &accept, Bytes::new())
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return Verdict::Unknown,
+        };
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Verdict::NotReferrer;
+        }
+        if !status.is_success() {
+            return Verdict::Unknown;
+        }
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let Ok(bytes) = read_limited(resp.into_body(), READ_LIMIT).await else {
+            return Verdict::Unknown;
+        };
+        if digest.verify(&bytes) == Some(false) {
+            return Verdict::NotReferrer;
+        }
+        let Some(fields) = ManifestFields::parse(&bytes) else {
+            return Verdict::NotReferrer;
+        };
+        match &fields.subject {
+            Some(s) => {
+                let d = fields.referrer_descriptor(
+                    digest.clone(),
+                    bytes.len() as u64,
+                    content_type.as_deref(),
+                );
+                Verdict::Referrer(s.digest.clone(), d)
+            }
+            None => Verdict::NotReferrer,
+        }
+    }
+
+    /// A client wrote a fallback tag itself (`PUT …/manifests/<alg>-<hex>`)
+    /// and the upstream accepted it: learn its entries, and when graft knows
+    /// referrers it lacks (the client lost a read-modify-write race), push
+    /// the merged index. The caller holds the subject's write lock.
+    pub async fn after_client_tag_put(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        body: &[u8],
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let Ok(index) = serde_json::from_slice::<crate::oci::ImageIndex>(body) else {
+            return Ok(());
+        };
+        let subject = subject_of_tag(tag);
+        self.ingest(repo, subject.as_ref(), &index.manifests, auth)
+            .await?;
+        let subjects: Vec<Digest> = match subject {
+            Some(s) => vec![s],
+            None => {
+                // Truncated tag: the subjects are those the entries named.
+                let mut v = Vec::new();
+                for e in &index.manifests {
+                    for s in self.index.subjects_of(repo, &e.digest)? {
+                        if s.fallback_tag() == tag && !v.contains(&s) {
+                            v.push(s);
+                        }
+                    }
+                }
+                v
+            }
+        };
+        for s in subjects {
+            let known = self.index.referrers(repo, &s)?;
+            let lacks = known
+                .iter()
+                .any(|k| !index.manifests.iter().any(|m| m.digest == k.digest));
+            if lacks && self.writes_tags() {
+                tracing::info!(%repo, subject = %s, "client's fallback tag lacks known referrers; pushing the merged index");
+                self.index.owe_tag_write(repo, &s)?;
+                self.index.flush().await?;
+                self.write_tag_locked(repo, &s, auth).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serializes client writes of the fallback tag `tag` with graft's own.
+    pub async fn lock_tag(&self, repo: &RepoName, tag: &str) -> writer::TagGuard {
+        self.writer.lock(repo, tag).await
+    }
+
+    /// Brings the upstream fallback tag of `subject` up to date (best
+    /// effort: a failure leaves the write owed, retried later).
+    pub async fn write_tag(&self, repo: &RepoName, subject: &Digest, auth: Option<&HeaderValue>) {
+        let ticket = self.writer.want(repo, &subject.fallback_tag());
+        let guard = self.writer.lock(repo, &subject.fallback_tag()).await;
+        if guard.covers(ticket) {
+            // A write that started after our change was indexed has already
+            // carried it.
+            return;
+        }
+        let gen = guard.current();
+        if self.write_tag_locked(repo, subject, auth).await {
+            guard.done(gen);
+        }
+    }
+
+    /// The write itself; the caller holds the tag's lock. Returns success.
+    async fn write_tag_locked(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> bool {
+        match self.try_write_tag(repo, subject, auth).await {
+            Ok(()) => {
+                if let Err(e) = self.index.tag_write_done(repo, subject) {
+                    tracing::error!(error = %e, "cannot clear an owed tag write");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%repo, %subject, error = %e, "fallback tag write failed; it stays owed");
+                false
+            }
+        }
+    }
+
+    async fn try_write_tag(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        // Merge first: entries written by clients that bypass graft survive.
+        let current = match self.read_fallback(repo, subject, auth, false).await? {
+            Access::Denied(d) => {
+                return Err(Error::Internal(format!(
+                    "upstream refused reading the fallback tag ({})",
+                    d.status
+                )))
+            }
+            Access::Granted(t) => t,
+        };
+        if let Some(t) = &current {
+            self.ingest(repo, Some(subject), &t.index, auth).await?;
+        }
+        let known = self.index.referrers(repo, subject)?;
+        let unchanged = current.as_ref().is_some_and(|t| {
+            t.index.len() == known.len() && known.iter().all(|k| t.index.iter().any(|m| m == k))
+        });
+        if unchanged {
+            return Ok(());
+        }
+        let bytes = Bytes::from(crate::oci::ImageIndex::of(known).to_bytes());
+        let digest = Digest::sha256_of(&bytes);
+        let path = format!("/v2/{repo}/manifests/{}", subject.fallback_tag());
+        let ct = [(header::CONTENT_TYPE, media::IMAGE_INDEX)];
+        let resp = self
+            .upstream
+            .call(Method::PUT, &path, auth, &ct, bytes)
+            .await
+            .map_err(Error::from)?;
+        if !resp.status().is_success() {
+            return Err(Error::Internal(format!(
+                "upstream answered {} to the fallback tag PUT",
+                resp.status()
+            )));
+        }
+        self.index
+            .set_fallback_seen(repo, subject, digest.as_str())?;
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    /// Reads the fallback tag for `subject`. With `use_seen`, a HEAD whose
+    /// digest matches the one last read skips the GET (`tag_ttl` decides how
+    /// often the HEAD itself happens; 0 = every time).
+    async fn read_fallback(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+        use_seen: bool,
+    ) -> Result<Access<Option<fallback::TagRead>>, Error> {
+        fallback::read(self, repo, subject, auth, use_seen).await
+    }
+}
+
+/// The subject digest a fallback tag stands for, when the tag holds it whole
+/// (`sha256-<64 hex>`); `None` for truncated or foreign tags.
+pub fn subject_of_tag(tag: &str) -> Option<Digest> {
+    let (alg, enc) = tag.split_once('-')?;
+    let d: Digest = format!("{alg}:{enc}").parse().ok()?;
+    (d.fallback_tag() == tag).then_some(d)
+}
+
+/// Whether `tag` has the shape of a referrers fallback tag.
+pub fn is_fallback_tag(tag: &str) -> bool {
+    match tag.split_once('-') {
+        Some((alg, enc)) => {
+            !alg.is_empty()
+                && alg
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && enc.len() >= 32
+                && enc.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
+/// A header name graft adds to push answers (distribution-spec "Pushing
+/// Manifests with Subject").
+pub const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_tags_map_back_to_subjects() {
+        let d = Digest::sha256_of(b"x");
+        assert_eq!(subject_of_tag(&d.fallback_tag()), Some(d.clone()));
+        assert!(is_fallback_tag(&d.fallback_tag()));
+        assert!(!is_fallback_tag("latest"));
+        assert!(!is_fallback_tag("sha256-abc.sig"));
+        let long: Digest = format!("sha512:{}", "a".repeat(128))
+            .parse()
+            .expect("digest");
+        assert_eq!(subject_of_tag(&long.fallback_tag()), None);
+        assert!(is_fallback_tag(&long.fallback_tag()));
+    }
+}
