@@ -130,8 +130,15 @@ impl Index {
     }
 
     /// Makes every write so far durable.
+    ///
+    /// A blocking `flush` on the blocking pool: sled 0.34's `flush_async`
+    /// never wakes some of its waiters when several flush at once
+    /// (spacejam/sled#1308), which hung concurrent pushes.
     pub async fn flush(&self) -> Result<(), IndexError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| IndexError::Corrupt(format!("flush task: {e}")))??;
         Ok(())
     }
 
@@ -429,7 +436,7 @@ mod tests {
             let ix = Index::open(dir.path()).expect("open");
             ix.add_intent(&a, &s, &desc(7)).expect("intent");
             ix.owe_tag_write(&a, &s).expect("owe");
-            futures_util::FutureExt::now_or_never(ix.flush());
+            ix.db.flush().expect("flush");
         }
         let ix = Index::open(dir.path()).expect("reopen");
         let intents = ix.intents().expect("intents");

@@ -1,0 +1,96 @@
+//! The `graft` binary: `graft serve` with flags proxies to the upstream and
+//! exits cleanly on SIGTERM.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::api::expect_status;
+use common::{free_port, wait_until, Api, Registry, TestImage};
+use reqwest::StatusCode;
+
+/// The child process, killed if the test fails before it exits.
+struct ServeProcess(Child);
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn graft_serve_proxies_with_flags_and_exits_zero_on_sigterm() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().expect("work dir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(work.path().join("graft.log")).expect("log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_graft"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            &listen,
+            "--upstream",
+            &registry.url(),
+            "--data-dir",
+        ])
+        .arg(work.path().join("data"))
+        .current_dir(work.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log"))
+        .stderr(log);
+    // Settings from the environment would change what is under test.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GRAFT_") {
+            command.env_remove(key);
+        }
+    }
+    let mut graft = ServeProcess(command.spawn().expect("spawn graft serve"));
+    let read_log = || std::fs::read_to_string(work.path().join("graft.log")).unwrap_or_default();
+
+    let api = Api::new(&format!("http://{listen}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.get("/healthz").send().await.is_err() {
+        let exited = graft.0.try_wait().expect("poll graft");
+        assert!(
+            exited.is_none(),
+            "graft serve exited with {exited:?}:\n{}",
+            read_log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "graft serve never listened:\n{}",
+            read_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let image = TestImage::build(1);
+    api.push_image("bin/app", "v1", &image).await;
+    assert_eq!(api.get_manifest("bin/app", "v1").await, image.manifest);
+    let ready = Api::send(api.get("/readyz")).await;
+    expect_status(ready, StatusCode::OK, "readyz").await;
+    assert!(
+        work.path().join("data").is_dir(),
+        "--data-dir is where graft keeps its data"
+    );
+
+    let term = Command::new("kill")
+        .args(["-TERM", &graft.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success());
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(10),
+        "graft serve to exit after SIGTERM",
+        || {
+            status = graft.0.try_wait().expect("poll graft");
+            status.is_some()
+        },
+    );
+    let status = status.expect("exit status");
+    assert!(status.success(), "exit status {status}:\n{}", read_log());
+}

@@ -1,0 +1,135 @@
+//! Graceful shutdown: once the shutdown future resolves graft stops
+//! accepting, lets in-flight responses finish (up to `shutdown_grace`) and
+//! only then returns from `run`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::api::expect_status;
+use common::{
+    connection_refused, random_bytes, wait_until, Api, DigestWriter, FakeUpstream, Graft, Registry,
+};
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn download_in_flight_at_shutdown_completes_and_run_returns_after_it() {
+    let registry = Registry::start();
+    let mut graft = Graft::start_with(&registry, |config| {
+        config.server.shutdown_grace = Duration::from_secs(60);
+    });
+    let data = Bytes::from(random_bytes(64 << 20));
+    let digest = Api::for_registry(&registry)
+        .push_blob("big/download", data.clone())
+        .await;
+    let api = Api::for_graft(&graft);
+
+    let response = Api::send(api.get(&format!("/v2/big/download/blobs/{digest}"))).await;
+    let mut response = expect_status(response, StatusCode::OK, "GET blob").await;
+    let mut received = DigestWriter::default();
+    // A slow reader: the proxy is mid-stream, with backpressure, at shutdown.
+    while received.len() < 1 << 20 {
+        let chunk = response
+            .chunk()
+            .await
+            .expect("read")
+            .expect("body ended early");
+        received.update(&chunk);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    graft.begin_shutdown();
+    wait_until(
+        Duration::from_secs(5),
+        "graft to refuse new connections",
+        || connection_refused(graft.addr()),
+    );
+    assert!(
+        !graft.has_stopped(),
+        "run returned while a download was in flight"
+    );
+
+    while let Some(chunk) = response.chunk().await.expect("body cut after shutdown") {
+        received.update(&chunk);
+    }
+    assert_eq!(received.len(), data.len() as u64, "bytes received");
+    assert_eq!(received.digest(), digest);
+    graft
+        .wait_stopped(Duration::from_secs(10))
+        .expect("run returns Ok after draining");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_do_not_hold_up_shutdown() {
+    let registry = Registry::start();
+    let mut graft = Graft::start_with(&registry, |config| {
+        config.server.shutdown_grace = Duration::from_secs(60);
+    });
+    let api = Api::for_graft(&graft);
+    // The client keeps this connection open in its pool.
+    expect_status(Api::send(api.get("/v2/")).await, StatusCode::OK, "GET /v2/").await;
+
+    let started = Instant::now();
+    graft.begin_shutdown();
+    graft
+        .wait_stopped(Duration::from_secs(5))
+        .expect("run returns Ok");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(api);
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_how_long_a_stuck_request_delays_run() {
+    let upstream = FakeUpstream::hanging();
+    let mut graft = Graft::start_for_upstream(&upstream.url(), |config| {
+        config.upstream.response_timeout = Duration::from_secs(120);
+        config.server.shutdown_grace = Duration::from_secs(1);
+    });
+    let api = Api::for_graft(&graft);
+    let stuck = tokio::spawn(async move {
+        api.get("/v2/app/tags/list")
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !upstream
+        .requests()
+        .iter()
+        .any(|r| r.target() == "/v2/app/tags/list")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    graft.begin_shutdown();
+    // Whether `run` reports the cut-off request is its call; it must return.
+    let _ = graft.wait_stopped(Duration::from_secs(10));
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "run took {waited:?} with a 1 s grace"
+    );
+    stuck.abort();
+}
+
+#[tokio::test]
+async fn a_new_run_on_the_same_data_dir_serves_after_the_previous_one_returned() {
+    let registry = Registry::start();
+    let mut graft = Graft::start(&registry);
+    let image = common::TestImage::build(1);
+    Api::for_graft(&graft)
+        .push_image("app/restart", "v1", &image)
+        .await;
+
+    // `run` returned, so whatever it held in the data dir is released.
+    graft.restart();
+
+    let api = Api::for_graft(&graft);
+    assert_eq!(api.get_manifest("app/restart", "v1").await, image.manifest);
+}
