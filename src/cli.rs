@@ -27,6 +27,12 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:5001/healthz")]
         url: String,
     },
+    /// Rebuild the referrers index from the upstream's fallback tags (stop
+    /// `graft serve` on the same data directory first).
+    Reindex(ReindexArgs),
+    /// Print the referrers a running graft lists for a subject; --tree adds
+    /// referrers of referrers.
+    Referrers(ReferrersArgs),
 }
 
 /// Options shared by every command that reads the configuration.
@@ -99,6 +105,58 @@ pub struct ServeArgs {
     /// [config: server.shutdown_grace]
     #[arg(long, env = "GRAFT_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReindexArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// A repository to walk (repeatable). Without it, every repository the
+    /// upstream's /v2/_catalog lists.
+    #[arg(long = "repo", value_name = "NAME")]
+    pub repos: Vec<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReferrersArgs {
+    /// The subject: <repository>@<digest>, e.g. demo/app@sha256:3f2a…
+    #[arg(value_name = "REPO@DIGEST")]
+    pub subject: String,
+    /// Also list referrers of each referrer, as an indented tree.
+    #[arg(long)]
+    pub tree: bool,
+    /// Levels below the subject shown with --tree.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_depth: usize,
+    /// The running graft to ask.
+    #[arg(
+        long,
+        env = "GRAFT_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:5001"
+    )]
+    pub graft: String,
+    /// Only the subject's referrers of this artifactType (repeatable, ORed).
+    #[arg(long = "artifact-type", value_name = "TYPE")]
+    pub artifact_types: Vec<String>,
+    /// Registry user to read the repository as (basic auth, passed through
+    /// graft to the upstream).
+    #[arg(long, env = "GRAFT_CLIENT_USERNAME", value_name = "USER")]
+    pub username: Option<String>,
+    /// Password for --username; prefer the environment variable.
+    #[arg(
+        long,
+        env = "GRAFT_CLIENT_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+}
+
+impl ReindexArgs {
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        self.common.load(|_| {})
+    }
 }
 
 impl ConfigArgs {
@@ -179,5 +237,41 @@ mod tests {
         assert_eq!(c.server.listen.port(), 6000);
         assert_eq!(c.upstream.url, "https://reg.example:5000");
         assert_eq!(c.log.format, crate::config::LogFormat::Json);
+    }
+
+    #[test]
+    fn reindex_and_referrers_parse() {
+        let cli = Cli::try_parse_from([
+            "graft",
+            "reindex",
+            "--repo",
+            "a",
+            "--repo",
+            "b/c",
+            "--data-dir",
+            "/tmp/d",
+        ])
+        .expect("parses");
+        let Command::Reindex(args) = cli.command else {
+            panic!("not reindex")
+        };
+        assert_eq!(args.repos, ["a", "b/c"]);
+        assert_eq!(args.common.data_dir.as_deref(), Some("/tmp/d"));
+
+        let cli = Cli::try_parse_from([
+            "graft",
+            "referrers",
+            "app@sha256:00",
+            "--tree",
+            "--artifact-type",
+            "x/y",
+        ])
+        .expect("parses");
+        let Command::Referrers(args) = cli.command else {
+            panic!("not referrers")
+        };
+        assert!(args.tree);
+        assert_eq!(args.artifact_types, ["x/y"]);
+        assert_eq!(args.max_depth, 8);
     }
 }

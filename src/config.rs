@@ -16,6 +16,22 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub referrers: ReferrersConfig,
+    pub cache: CacheConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Serve blobs and manifests by digest from local disk.
+    pub enabled: bool,
+    /// Byte budget; least recently used files are evicted past it.
+    pub max_bytes: u64,
+    /// How long a tag → digest answer is trusted before a HEAD revalidates it.
+    pub tag_ttl: Duration,
+    /// How long a last known tag digest or authorization may be used while
+    /// the upstream is unreachable.
+    pub max_stale: Duration,
+    /// How long the upstream's yes for (credentials, repository) is remembered.
+    pub auth_ttl: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -133,6 +149,13 @@ impl Default for Config {
                 fallback_tag: FallbackTag::Write,
                 tag_ttl: Duration::ZERO,
                 page_size: 1000,
+            },
+            cache: CacheConfig {
+                enabled: true,
+                max_bytes: 10 << 30,
+                tag_ttl: Duration::ZERO,
+                max_stale: Duration::from_secs(24 * 3600),
+                auth_ttl: Duration::from_secs(60),
             },
         }
     }
@@ -280,6 +303,26 @@ const KEYS: &[(&str, Setter)] = &[
             return Err("must be at least 1".into());
         }
         c.referrers.page_size = n;
+        Ok(())
+    }),
+    ("cache.enabled", |c, v| {
+        c.cache.enabled = parse_bool(v)?;
+        Ok(())
+    }),
+    ("cache.max_bytes", |c, v| {
+        c.cache.max_bytes = parse_size_value(v)? as u64;
+        Ok(())
+    }),
+    ("cache.tag_ttl", |c, v| {
+        c.cache.tag_ttl = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.max_stale", |c, v| {
+        c.cache.max_stale = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.auth_ttl", |c, v| {
+        c.cache.auth_ttl = parse_duration_value(v)?;
         Ok(())
     }),
 ];

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //!
+//! - [`admin`]: the operator commands beside the proxy — `graft reindex`
+//!   and `graft referrers`.
 //! - [`cli`]: the command line (`graft serve`, …); the binary only parses it
 //!   and calls in here.
 //! - [`config`]: defaults, `graft.toml`, `GRAFT_*` variables and flags, with
@@ -14,6 +16,10 @@
 //! - [`referrers`]: the referrers service — listing, learning from fallback
 //!   tags, keeping them true, crash recovery.
 //! - [`index`]: the only code that opens sled.
+//! - [`cache`]: the content-addressed store, coalesced fills, eviction; the
+//!   only code that writes cache files.
+//! - [`access`]: who may read cached content (the upstream decides).
+//! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`failpoint`]: crash points for the kill tests (feature `failpoints`).
 //! - [`upstream`]: the pooled client to the registry, header hygiene and URL
 //!   rewriting.
@@ -21,12 +27,16 @@
 //! - [`error`]: the one place errors become OCI error responses.
 //! - [`body`]: the one body type, and byte counting for the access log.
 
+pub mod access;
+pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod failpoint;
 pub mod index;
+pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod referrers;
@@ -50,6 +60,9 @@ pub async fn run(
     let server_cfg = config.server.clone();
     let proxy = Arc::new(proxy::Proxy::new(config)?);
     tokio::spawn(recover_in_background(proxy.referrers().clone()));
+    if let Some(cache) = proxy.cache() {
+        tokio::spawn(cache::upkeep(cache.clone()));
+    }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = proxy.upstream.origin(), "graft listening");
     }

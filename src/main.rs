@@ -4,8 +4,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use graft::cli::{Cli, Command};
+use graft::cli::{Cli, Command, ReferrersArgs, ReindexArgs};
 use graft::config::LogFormat;
+use indicatif::ProgressBar;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -19,7 +21,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(config.log.format);
+            init_logging(config.log.format, std::io::stderr);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -29,6 +31,8 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(config))
         }
+        Command::Reindex(args) => reindex(&args),
+        Command::Referrers(args) => referrers(&args),
         Command::Healthcheck { url } => match healthcheck(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -36,6 +40,139 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `graft reindex`: exit 0 when everything was read and decided, 1 when
+/// something is left (the summary says what) or the index is held by a
+/// running graft, 2 for bad arguments.
+fn reindex(args: &ReindexArgs) -> ExitCode {
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut repos = Vec::with_capacity(args.repos.len());
+    for r in &args.repos {
+        match graft::oci::RepoName::parse(r) {
+            Ok(r) => repos.push(r),
+            Err(e) => {
+                eprintln!("graft reindex: --repo {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Draws only when stderr is a terminal; log lines go above it.
+    let bar = ProgressBar::new_spinner();
+    let above = bar.clone();
+    init_logging(config.log.format, move || AboveBar(above.clone()));
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(graft::admin::reindex::run(&config, &repos, &bar)) {
+        Ok(summary) => {
+            println!("{summary}");
+            if summary.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            bar.finish_and_clear();
+            eprintln!("graft reindex: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `graft referrers`: exit 0 with the listing on stdout, 1 when graft could
+/// not be asked or refused, 2 for a malformed subject.
+fn referrers(args: &ReferrersArgs) -> ExitCode {
+    use graft::admin::listing;
+    let (repo, subject) = match listing::parse_subject(&args.subject) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("graft referrers: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let auth = match basic_auth(args.username.as_deref(), args.password.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("graft referrers: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = listing::ListOptions {
+        graft: args.graft.clone(),
+        artifact_types: args.artifact_types.clone(),
+        tree: args.tree,
+        max_depth: args.max_depth.max(1),
+        auth,
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(listing::fetch(&opts, &repo, &subject)) {
+        Ok(nodes) => {
+            print!("{}", listing::render(&repo, &subject, &nodes));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("graft referrers: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn basic_auth(
+    user: Option<&str>,
+    password: Option<&str>,
+) -> Result<Option<http::HeaderValue>, String> {
+    match (user, password) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err("--password needs --username".into()),
+        (Some(user), password) => {
+            let cfg = graft::config::UpstreamConfig {
+                username: Some(user.to_string()),
+                password: password.map(str::to_string),
+                ..graft::Config::default().upstream
+            };
+            graft::proxy::own_credentials(&cfg)
+                .map(Some)
+                .ok_or_else(|| "the credentials are not a valid header value".into())
+        }
+    }
+}
+
+/// A runtime for the one-shot commands.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("graft: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Writes log lines to stderr with the progress bar lifted out of the way,
+/// so neither overwrites the other.
+struct AboveBar(ProgressBar);
+
+impl std::io::Write for AboveBar {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -111,11 +248,14 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -120,10 +120,16 @@ impl Upstream {
         req.headers_mut()
             .insert(header::HOST, self.authority.clone());
         let started = Instant::now();
+        let resp = self.request(req).await?;
+        Ok((resp, started.elapsed()))
+    }
+
+    /// One request, bounded by `response_timeout` until its head arrives.
+    async fn request(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
         let fut = self.client.request(req);
         match tokio::time::timeout(self.response_timeout, fut).await {
             Err(_) => Err(UpstreamError::Timeout(self.response_timeout)),
-            Ok(Ok(resp)) => Ok((resp, started.elapsed())),
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&e, self.response_timeout)),
         }
     }
@@ -153,6 +159,26 @@ impl Upstream {
             .body(body::full(body))
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         Ok(self.send(req).await?.0)
+    }
+
+    /// A GET of an absolute URL (a redirect target, possibly on another
+    /// host). `auth` is sent only when the caller decided the host may see it.
+    pub async fn get_url(
+        &self,
+        url: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| UpstreamError::Unreachable(format!("redirect target `{url}`: {e}")))?;
+        let mut req = Request::builder().method(Method::GET).uri(uri.clone());
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        let req = req
+            .body(body::empty())
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        self.request(req).await
     }
 
     /// Forwards a client request: same method, path, query, headers (less

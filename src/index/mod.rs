@@ -13,12 +13,19 @@
 //! - `intents`: repo ∅ subject ∅ referrer → descriptor JSON, written before
 //!   a subject push is forwarded, removed once index and tag are written
 //! - `tag_writes`: repo ∅ subject → () (a fallback-tag write is owed)
+//! - `cache_entries`: digest → size, media type, last access (the cache)
+//! - `present`: repo ∅ digest → () (the upstream confirmed repo holds it)
+//! - `tags`: repo ∅ tag → last known digest and when it was confirmed
 //! - `meta`: `schema_version`
 //!
 //! Writes that must survive a crash are flushed before they are
 //! acknowledged.
 
+mod cache_entries;
+
 use std::path::Path;
+
+pub use cache_entries::{CacheEntry, TagRecord};
 
 use crate::oci::{Descriptor, Digest, RepoName};
 
@@ -53,6 +60,9 @@ pub struct Index {
     fallback_seen: sled::Tree,
     intents: sled::Tree,
     tag_writes: sled::Tree,
+    cache_entries: sled::Tree,
+    present: sled::Tree,
+    tags: sled::Tree,
 }
 
 /// A push of a referrer that was announced but not yet completed.
@@ -89,20 +99,35 @@ fn split(k: &[u8]) -> Result<Vec<String>, IndexError> {
         .collect()
 }
 
+/// Whether sled failed to open because another process holds its lock.
+///
+/// sled 0.34 does not pass the `flock` error through: it wraps it in an
+/// `ErrorKind::Other` whose only trace is the message ("could not acquire
+/// lock on …: … WouldBlock …"), so the message is what can be matched.
+fn is_lock_conflict(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.raw_os_error() == Some(11)
+                || io.to_string().starts_with("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
 impl Index {
     /// Opens (or creates) the index under `dir`.
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::Sled(e.into()))?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(ref io)
-                if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) =>
-            {
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            if is_lock_conflict(&e) {
                 IndexError::Locked {
                     path: dir.display().to_string(),
                     source: e,
                 }
+            } else {
+                IndexError::Sled(e)
             }
-            other => IndexError::Sled(other),
         })?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
@@ -125,6 +150,9 @@ impl Index {
             fallback_seen: db.open_tree("fallback_seen")?,
             intents: db.open_tree("intents")?,
             tag_writes: db.open_tree("tag_writes")?,
+            cache_entries: db.open_tree("cache_entries")?,
+            present: db.open_tree("present")?,
+            tags: db.open_tree("tags")?,
             db,
         })
     }
@@ -425,6 +453,19 @@ mod tests {
         assert!(ix.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
         ix.add(&a, &s1, &desc(1)).expect("re-add");
         assert!(!ix.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
+    }
+
+    #[test]
+    fn a_second_open_of_a_held_index_reports_it_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _held = Index::open(dir.path()).expect("open");
+        match Index::open(dir.path()) {
+            Err(IndexError::Locked { path, .. }) => {
+                assert_eq!(path, dir.path().display().to_string())
+            }
+            Err(other) => panic!("expected Locked, got {other}"),
+            Ok(_) => panic!("a held index opened twice"),
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 
-use super::{passthrough, Outcome, Proxy};
+use super::{content, passthrough, Outcome, Proxy};
+use crate::access::Kind;
 use crate::body::{self, Body, CollectError};
 use crate::error::Error;
 use crate::oci::{Digest, ManifestFields, Reference, RepoName};
@@ -29,12 +30,19 @@ pub(crate) async fn handle(
             let auth = req.headers().get(header::AUTHORIZATION).cloned();
             let resp = passthrough::forward(proxy, req, client, outcome).await?;
             if resp.status().is_success() {
+                let _ = proxy.referrers.index().forget_present(&name, &digest);
                 proxy
                     .referrers
                     .after_delete(&name, &digest, auth.as_ref())
                     .await?;
             }
             Ok(resp)
+        }
+        (Method::GET | Method::HEAD, Reference::Digest(d)) => {
+            content::by_digest(proxy, Kind::Manifest, name, d, req, client, outcome).await
+        }
+        (Method::GET | Method::HEAD, Reference::Tag(t)) => {
+            content::by_tag(proxy, name, t, req, client, outcome).await
         }
         _ => passthrough::forward(proxy, req, client, outcome).await,
     }
@@ -101,7 +109,18 @@ async fn put(
     if let Some((subject, desc)) = &referrer {
         referrers.before_push(&name, subject, desc).await?;
     }
-    let forwarded = passthrough::forward(proxy, rebuild(bytes), client, outcome).await;
+    let forwarded = passthrough::forward(proxy, rebuild(bytes.clone()), client, outcome).await;
+    if let (Ok(resp), Some(cache)) = (&forwarded, &proxy.cache) {
+        if resp.status().is_success() {
+            // Write-through: a CI job that pushes then pulls never goes
+            // upstream for these bytes.
+            let digest = Digest::sha256_of(&bytes);
+            let _ = referrers.index().mark_present(&name, &digest);
+            cache
+                .store_bytes(&digest, bytes, content_type.clone())
+                .await;
+        }
+    }
     let Some((subject, desc)) = referrer else {
         return forwarded;
     };

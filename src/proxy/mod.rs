@@ -2,24 +2,29 @@
 //! endpoint family, and write one access-log line when its response body is
 //! done.
 
+mod content;
 mod health;
 mod manifest;
 mod passthrough;
 mod referrers;
+mod upload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{header, Request, Response};
+use http::{header, Method, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::access::{AccessCache, Kind};
 use crate::body::{self, Body, Counted, OnDone};
+use crate::cache::ContentCache;
 use crate::config::Config;
 use crate::error::Error;
 use crate::index::Index;
+use crate::metrics::Metrics;
 use crate::referrers::Referrers;
 use crate::route::Route;
 use crate::upstream::{ClientSide, Upstream};
@@ -29,6 +34,10 @@ pub struct Proxy {
     pub(crate) config: Arc<Config>,
     pub(crate) upstream: Upstream,
     pub(crate) referrers: Arc<Referrers>,
+    /// `None` when `cache.enabled = false`: everything passes through.
+    pub(crate) cache: Option<Arc<ContentCache>>,
+    pub(crate) access: AccessCache,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// What a handler reports besides its response, for the access log.
@@ -44,16 +53,49 @@ impl Proxy {
         let upstream = Upstream::new(&config.upstream)?;
         let index = Index::open(&config.storage.data_dir.join("index"))?;
         let referrers = Referrers::new(
-            index,
+            index.clone(),
             upstream.clone(),
             config.referrers.clone(),
             own_credentials(&config.upstream),
         );
+        let metrics = Arc::new(Metrics::default());
+        let cache = if config.cache.enabled {
+            Some(ContentCache::open(
+                &config.storage.data_dir,
+                index.clone(),
+                metrics.clone(),
+                config.cache.clone(),
+            )?)
+        } else {
+            None
+        };
         Ok(Proxy {
+            access: AccessCache::new(
+                upstream.clone(),
+                index,
+                metrics.clone(),
+                config.cache.auth_ttl,
+                config.cache.max_stale,
+            ),
             config: Arc::new(config),
             upstream,
             referrers,
+            cache,
+            metrics,
         })
+    }
+
+    fn render_metrics(&self) -> Response<Body> {
+        let mut resp = Response::new(body::full(self.metrics.render()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        resp
+    }
+
+    pub fn cache(&self) -> Option<&Arc<ContentCache>> {
+        self.cache.as_ref()
     }
 
     pub fn referrers(&self) -> &Arc<Referrers> {
@@ -92,6 +134,7 @@ impl Proxy {
         };
 
         let status = resp.status().as_u16();
+        self.metrics.request(kind, status);
         let upstream = outcome.upstream;
         resp.map(move |b| {
             OnDone::new(b, move |bytes_out, complete| {
@@ -125,20 +168,36 @@ impl Proxy {
         match route {
             Route::Health => Ok(health::healthz()),
             Route::Ready => Ok(health::readyz(self).await),
-            Route::NotFound | Route::Metrics => Err(Error::NotFound),
+            Route::NotFound => Err(Error::NotFound),
+            Route::Metrics => Ok(self.render_metrics()),
+            Route::Blob { name, digest } => match req.method().clone() {
+                Method::GET | Method::HEAD => {
+                    content::by_digest(self, Kind::Blob, name, digest, req, client, outcome).await
+                }
+                Method::DELETE => {
+                    let resp = passthrough::forward(self, req, client, outcome).await?;
+                    if resp.status().is_success() {
+                        // The cached bytes may stay (other repositories can
+                        // hold them); this repository no longer does.
+                        let _ = self.referrers.index().forget_present(&name, &digest);
+                    }
+                    Ok(resp)
+                }
+                _ => passthrough::forward(self, req, client, outcome).await,
+            },
             Route::Manifest { name, reference } => {
                 manifest::handle(self, name, reference, req, client, outcome).await
             }
             Route::Referrers { name, digest } => {
                 referrers::handle(self, name, digest, req, client, outcome).await
             }
-            Route::Base
-            | Route::Catalog
-            | Route::Blob { .. }
-            | Route::UploadStart { .. }
-            | Route::Upload { .. }
-            | Route::TagsList { .. }
-            | Route::OtherV2 => passthrough::forward(self, req, client, outcome).await,
+            Route::UploadStart { name } => upload::start(self, name, req, client, outcome).await,
+            Route::Upload { name, id } => {
+                upload::continue_upload(self, name, id, req, client, outcome).await
+            }
+            Route::Base | Route::Catalog | Route::TagsList { .. } | Route::OtherV2 => {
+                passthrough::forward(self, req, client, outcome).await
+            }
         }
     }
 }

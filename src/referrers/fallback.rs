@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, StatusCode};
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
 use sha2::{Digest as _, Sha256};
 
 use super::{Referrers, READ_LIMIT};
@@ -75,19 +76,11 @@ pub(super) async fn read(
     let mut found = None;
     for tag in &tags {
         let path = format!("/v2/{repo}/manifests/{tag}");
-        // distribution 2.8 answers 404 for an index unless asked for one.
-        let accept = [(header::ACCEPT, ACCEPT_INDEX)];
-        let head = r
-            .upstream
-            .call(Method::HEAD, &path, auth, &accept, Bytes::new())
-            .await?;
+        let head = match ask(r, Method::HEAD, &path, auth).await? {
+            Access::Denied(d) => return Ok(Access::Denied(d)),
+            Access::Granted(head) => head,
+        };
         let status = head.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Ok(Access::Denied(Denial {
-                status,
-                www_authenticate: head.headers().get(header::WWW_AUTHENTICATE).cloned(),
-            }));
-        }
         if status == StatusCode::NOT_FOUND {
             continue;
         }
@@ -137,18 +130,76 @@ pub(super) async fn read(
         )));
     }
     let bytes = read_limited(resp.into_body(), READ_LIMIT).await?;
-    let digest = Digest::sha256_of(&bytes).to_string();
-    // A tag that resolves to something other than an index (the subject
-    // itself, on some registries) lists no referrers.
-    let index = match serde_json::from_slice::<ImageIndex>(&bytes) {
-        Ok(i)
-            if i.media_type
-                .as_deref()
-                .is_none_or(|m| m == media::IMAGE_INDEX) =>
-        {
-            i.manifests
-        }
-        _ => Vec::new(),
+    Ok(Access::Granted(Some(TagRead::parse(&bytes))))
+}
+
+/// Reads the fallback tag `tag` by name, without the HEAD and without
+/// knowing its subject (a reindex walks tags, and truncated tags do not
+/// name their subject whole).
+pub(super) async fn fetch(
+    r: &Referrers,
+    repo: &RepoName,
+    tag: &str,
+    auth: Option<&HeaderValue>,
+) -> Result<Access<Option<TagRead>>, Error> {
+    let path = format!("/v2/{repo}/manifests/{tag}");
+    let resp = match ask(r, Method::GET, &path, auth).await? {
+        Access::Denied(d) => return Ok(Access::Denied(d)),
+        Access::Granted(resp) => resp,
     };
-    Ok(Access::Granted(Some(TagRead { digest, index })))
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND {
+        return Ok(Access::Granted(None));
+    }
+    if !status.is_success() {
+        return Err(Error::UpstreamUnreachable(format!(
+            "upstream answered {status} reading the fallback tag {tag}"
+        )));
+    }
+    let bytes = read_limited(resp.into_body(), READ_LIMIT).await?;
+    Ok(Access::Granted(Some(TagRead::parse(&bytes))))
+}
+
+/// Sends `method` for a fallback tag at `path`, asking for an index; a
+/// 401/403 is the upstream's "no" to the credentials, any other answer is
+/// the caller's to read.
+async fn ask(
+    r: &Referrers,
+    method: Method,
+    path: &str,
+    auth: Option<&HeaderValue>,
+) -> Result<Access<Response<Incoming>>, Error> {
+    // distribution 2.8 answers 404 for an index unless asked for one.
+    let accept = [(header::ACCEPT, ACCEPT_INDEX)];
+    let resp = r
+        .upstream
+        .call(method, path, auth, &accept, Bytes::new())
+        .await?;
+    let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Ok(Access::Denied(Denial {
+            status,
+            www_authenticate: resp.headers().get(header::WWW_AUTHENTICATE).cloned(),
+        }));
+    }
+    Ok(Access::Granted(resp))
+}
+
+impl TagRead {
+    fn parse(bytes: &[u8]) -> TagRead {
+        let digest = Digest::sha256_of(bytes).to_string();
+        // A tag that resolves to something other than an index (the subject
+        // itself, on some registries) lists no referrers.
+        let index = match serde_json::from_slice::<ImageIndex>(bytes) {
+            Ok(i)
+                if i.media_type
+                    .as_deref()
+                    .is_none_or(|m| m == media::IMAGE_INDEX) =>
+            {
+                i.manifests
+            }
+            _ => Vec::new(),
+        };
+        TagRead { digest, index }
+    }
 }

@@ -8,7 +8,7 @@
 //! not know, and writes the union. Writes for one (repository, subject) are
 //! serialized inside graft because the upstream has no conditional PUT.
 
-mod fallback;
+pub(crate) mod fallback;
 mod writer;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -26,10 +26,29 @@ use crate::upstream::{read_limited, Upstream};
 
 pub use fallback::{Access, Denial};
 
+/// What ingesting one fallback-tag index did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReindexStats {
+    /// Entries the index listed.
+    pub entries: usize,
+    /// Referrers the index did not know before.
+    pub added: usize,
+    /// Entries the upstream could not judge now (unreachable, 5xx, 401):
+    /// they are checked again on the next read of the tag.
+    pub undecided: usize,
+}
+
+impl ReindexStats {
+    /// Whether every entry was decided.
+    pub fn complete(&self) -> bool {
+        self.undecided == 0
+    }
+}
+
 /// Largest manifest or index graft reads from the upstream for itself.
 const READ_LIMIT: usize = 8 * 1024 * 1024;
 
-const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Whether the upstream has its own referrers API (mode `auto`).
 const NATIVE_UNKNOWN: u8 = 0;
@@ -46,6 +65,40 @@ pub struct Referrers {
     native: AtomicU8,
     writer: writer::TagWriter,
     recent: fallback::RecentChecks,
+}
+
+/// Whose referrers a fallback tag holds.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    /// The subject is known (the tag names it whole, or graft read the tag
+    /// for it).
+    Subject(&'a Digest),
+    /// Only the tag is known: a truncated long digest. An entry belongs
+    /// when its own `subject` has this fallback tag.
+    Tag(&'a str),
+}
+
+impl Holder<'_> {
+    fn subject(&self) -> Option<&Digest> {
+        match self {
+            Holder::Subject(s) => Some(s),
+            Holder::Tag(_) => None,
+        }
+    }
+
+    fn holds(&self, found: &Digest) -> bool {
+        match self {
+            Holder::Subject(s) => *s == found,
+            Holder::Tag(t) => found.fallback_tag() == *t,
+        }
+    }
+}
+
+/// What ingesting a fallback-tag index found.
+struct Ingested {
+    stats: ReindexStats,
+    /// The entries the upstream could not judge now, as the tag had them.
+    undecided: Vec<Descriptor>,
 }
 
 /// What checking one referrer candidate found.
@@ -126,7 +179,10 @@ impl Referrers {
         match self.read_fallback(repo, subject, auth, true).await? {
             Access::Denied(resp) => return Ok(Access::Denied(resp)),
             Access::Granted(Some(tag)) => {
-                if self.ingest(repo, Some(subject), &tag.index, auth).await? {
+                let ingested = self
+                    .ingest(repo, Holder::Subject(subject), &tag.index, auth)
+                    .await?;
+                if ingested.stats.complete() {
                     self.index.set_fallback_seen(repo, subject, &tag.digest)?;
                 }
             }
@@ -257,19 +313,24 @@ impl Referrers {
     /// Ingests the entries of a fallback-tag index: each one graft has not
     /// seen is checked once by fetching its manifest and reading `subject`
     /// (some registries resolve the tag to the subject itself, and old
-    /// clients make mistakes). `subject` is `None` when the tag name does not
-    /// give the full digest (truncated long digests): then each entry's own
-    /// `subject` is used, if its fallback tag is `tag`.
+    /// clients make mistakes). When the tag name does not give the full
+    /// digest (truncated long digests), each entry's own `subject` is used,
+    /// if its fallback tag is the tag read.
     ///
-    /// Returns whether every entry was decided.
+    /// Returns what it added and what it could not decide.
     async fn ingest(
         &self,
         repo: &RepoName,
-        subject: Option<&Digest>,
+        holder: Holder<'_>,
         index: &[Descriptor],
         auth: Option<&HeaderValue>,
-    ) -> Result<bool, Error> {
-        let mut complete = true;
+    ) -> Result<Ingested, Error> {
+        let subject = holder.subject();
+        let mut stats = ReindexStats {
+            entries: index.len(),
+            ..ReindexStats::default()
+        };
+        let mut undecided = Vec::new();
         for entry in index {
             if self.index.is_tombstoned(repo, &entry.digest)? {
                 continue;
@@ -282,19 +343,53 @@ impl Referrers {
                 }
             }
             match self.check(repo, &entry.digest, auth).await {
-                Verdict::Referrer(found, d) if subject.is_none_or(|s| *s == found) => {
-                    self.index.add(repo, &found, &d)?;
+                Verdict::Referrer(found, d) if holder.holds(&found) => {
+                    if self.index.add(repo, &found, &d)? {
+                        stats.added += 1;
+                    }
                 }
                 Verdict::Referrer(..) | Verdict::NotReferrer => {
+                    tracing::info!(%repo, subject = ?subject, entry = %entry.digest, "fallback tag lists a manifest that does not refer to its subject; ignored");
                     if let Some(s) = subject {
-                        tracing::info!(%repo, subject = %s, entry = %entry.digest, "fallback tag lists a manifest that does not refer to its subject; ignored");
                         self.index.reject(repo, s, &entry.digest)?;
                     }
                 }
-                Verdict::Unknown => complete = false,
+                Verdict::Unknown => {
+                    stats.undecided += 1;
+                    undecided.push(entry.clone());
+                }
             }
         }
-        Ok(complete)
+        Ok(Ingested { stats, undecided })
+    }
+
+    /// Reads the fallback tag `tag` of `repo` and ingests its entries
+    /// through the same checks a referrers query applies (`graft reindex`).
+    /// `auth` must be allowed to read `repo`; a 401/403 comes back as
+    /// [`Access::Denied`]. A tag that does not exist (any more) ingests
+    /// nothing.
+    pub async fn reindex_tag(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Access<ReindexStats>, Error> {
+        let read = match fallback::fetch(self, repo, tag, auth).await? {
+            Access::Denied(d) => return Ok(Access::Denied(d)),
+            Access::Granted(None) => return Ok(Access::Granted(ReindexStats::default())),
+            Access::Granted(Some(read)) => read,
+        };
+        let subject = subject_of_tag(tag);
+        let holder = subject.as_ref().map_or(Holder::Tag(tag), Holder::Subject);
+        let stats = self.ingest(repo, holder, &read.index, auth).await?.stats;
+        if let Some(s) = &subject {
+            if stats.complete() {
+                // Queries may skip re-reading this tag while it is unchanged.
+                self.index.set_fallback_seen(repo, s, &read.digest)?;
+            }
+        }
+        self.index.flush().await?;
+        Ok(Access::Granted(stats))
     }
 
     /// Fetches a manifest and tells whether it is a referrer, and of what.
@@ -358,8 +453,8 @@ impl Referrers {
             return Ok(());
         };
         let subject = subject_of_tag(tag);
-        self.ingest(repo, subject.as_ref(), &index.manifests, auth)
-            .await?;
+        let holder = subject.as_ref().map_or(Holder::Tag(tag), Holder::Subject);
+        self.ingest(repo, holder, &index.manifests, auth).await?;
         let subjects: Vec<Digest> = match subject {
             Some(s) => vec![s],
             None => {
@@ -448,17 +543,32 @@ impl Referrers {
             }
             Access::Granted(t) => t,
         };
-        if let Some(t) = &current {
-            self.ingest(repo, Some(subject), &t.index, auth).await?;
+        let undecided = match &current {
+            Some(t) => {
+                self.ingest(repo, Holder::Subject(subject), &t.index, auth)
+                    .await?
+                    .undecided
+            }
+            None => Vec::new(),
+        };
+        let mut entries = self.index.referrers(repo, subject)?;
+        // Entries the upstream could not judge now (a 5xx, a timeout) stay
+        // as the tag had them: dropping them would delete referrers other
+        // clients wrote, on a transient error.
+        let complete = undecided.is_empty();
+        for u in undecided {
+            if !entries.iter().any(|e| e.digest == u.digest) {
+                entries.push(u);
+            }
         }
-        let known = self.index.referrers(repo, subject)?;
+        entries.sort_by(|a, b| a.digest.cmp(&b.digest));
         let unchanged = current.as_ref().is_some_and(|t| {
-            t.index.len() == known.len() && known.iter().all(|k| t.index.iter().any(|m| m == k))
+            t.index.len() == entries.len() && entries.iter().all(|k| t.index.iter().any(|m| m == k))
         });
         if unchanged {
             return Ok(());
         }
-        let bytes = Bytes::from(crate::oci::ImageIndex::of(known).to_bytes());
+        let bytes = Bytes::from(crate::oci::ImageIndex::of(entries).to_bytes());
         let digest = Digest::sha256_of(&bytes);
         let path = format!("/v2/{repo}/manifests/{}", subject.fallback_tag());
         let ct = [(header::CONTENT_TYPE, media::IMAGE_INDEX)];
@@ -473,8 +583,12 @@ impl Referrers {
                 resp.status()
             )));
         }
-        self.index
-            .set_fallback_seen(repo, subject, digest.as_str())?;
+        if complete {
+            // Otherwise the next query must read the tag again, to judge
+            // what could not be judged now.
+            self.index
+                .set_fallback_seen(repo, subject, digest.as_str())?;
+        }
         self.index.flush().await?;
         Ok(())
     }

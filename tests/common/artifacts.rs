@@ -175,3 +175,42 @@ pub fn digests_of(list: &[Value]) -> Vec<String> {
     v.sort();
     v
 }
+
+impl Subject {
+    /// A pushed manifest as a subject, for referrers of referrers (a
+    /// countersignature's subject is the signature).
+    pub fn of(manifest: &[u8], media_type: &'static str) -> Subject {
+        Subject {
+            digest: sha256_digest(manifest),
+            size: manifest.len(),
+            media_type,
+        }
+    }
+}
+
+/// Pushes an image manifest by digest through `api` (graft, or the registry
+/// directly to bypass graft); returns its digest.
+pub async fn push_by_digest(api: &Api, repo: &str, manifest: &Bytes) -> String {
+    api.push_manifest(repo, &sha256_digest(manifest), MANIFEST, manifest.clone())
+        .await
+}
+
+/// Writes `tag` (a fallback tag) as an index of `entries` through `api`, as
+/// a tag-schema client does.
+pub async fn put_fallback_tag(api: &Api, repo: &str, tag: &str, entries: &[Value]) {
+    api.push_manifest(repo, tag, INDEX, fallback_index(entries))
+        .await;
+}
+
+/// The `graft` binary, run in `dir` (so no `config/graft.toml` is picked
+/// up) with no `GRAFT_*` settings from the test's environment.
+pub fn graft_command(dir: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_graft"));
+    command.current_dir(dir).stdin(std::process::Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GRAFT_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}

@@ -28,6 +28,7 @@ pub mod fake;
 pub mod graft;
 pub mod image;
 pub mod registry;
+pub mod shim;
 
 pub use api::Api;
 pub use fake::FakeUpstream;

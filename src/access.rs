@@ -1,0 +1,182 @@
+//! Who may read what from the cache (DESIGN.md, "Security model").
+//!
+//! graft does not widen access: a cache hit for repository R is served only
+//! after the upstream said yes to this client's own credentials on R, and
+//! only when the upstream confirmed R holds the digest — so content cached
+//! through repository A never leaks to B, nor to anonymous clients. A yes is
+//! remembered per (hash of the credentials, repository) for `auth_ttl`, never
+//! the credentials themselves. While the upstream cannot be reached, the
+//! last yes stands for up to `max_stale`; a no (401/403) always stands.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode};
+
+use crate::error::Error;
+use crate::index::Index;
+use crate::metrics::{self, Metrics};
+use crate::oci::{Digest, RepoName};
+use crate::referrers::fallback::credentials_key;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// The upstream's answer for this client, or what stands in for it.
+pub enum Decision {
+    Allowed {
+        stale: bool,
+    },
+    /// The upstream's own no (401, 403) or "not here" (404).
+    Denied,
+    /// The upstream could not be asked and no remembered yes stands.
+    Unreachable(Error),
+}
+
+/// Which endpoint family to ask about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+impl Kind {
+    pub fn path(self, repo: &RepoName, reference: &str) -> String {
+        match self {
+            Kind::Blob => format!("/v2/{repo}/blobs/{reference}"),
+            Kind::Manifest => format!("/v2/{repo}/manifests/{reference}"),
+        }
+    }
+}
+
+type Key = (RepoName, [u8; 32]);
+
+pub struct AccessCache {
+    upstream: Upstream,
+    index: Index,
+    metrics: Arc<Metrics>,
+    ttl: Duration,
+    max_stale: Duration,
+    yes: Mutex<HashMap<Key, Instant>>,
+}
+
+/// The upstream failed in a way that is not an answer about access.
+pub fn is_outage(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+impl AccessCache {
+    pub fn new(
+        upstream: Upstream,
+        index: Index,
+        metrics: Arc<Metrics>,
+        ttl: Duration,
+        max_stale: Duration,
+    ) -> AccessCache {
+        AccessCache {
+            upstream,
+            index,
+            metrics,
+            ttl,
+            max_stale,
+            yes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Age of the last yes for these credentials on `repo`.
+    fn age(&self, repo: &RepoName, cred: [u8; 32]) -> Option<Duration> {
+        self.yes
+            .lock()
+            .expect("access cache poisoned")
+            .get(&(repo.clone(), cred))
+            .map(Instant::elapsed)
+    }
+
+    pub fn remember_yes(&self, repo: &RepoName, cred: [u8; 32]) {
+        let mut map = self.yes.lock().expect("access cache poisoned");
+        // Bounded: drop expired yeses when the map grows large.
+        if map.len() > 65_536 {
+            let keep = self.max_stale.max(self.ttl);
+            map.retain(|_, t| t.elapsed() < keep);
+        }
+        map.insert((repo.clone(), cred), Instant::now());
+    }
+
+    pub fn forget(&self, repo: &RepoName, cred: [u8; 32]) {
+        self.yes
+            .lock()
+            .expect("access cache poisoned")
+            .remove(&(repo.clone(), cred));
+    }
+
+    /// Whether a yes within `auth_ttl` stands (no upstream round trip).
+    pub fn fresh_yes(&self, repo: &RepoName, cred: [u8; 32]) -> bool {
+        self.age(repo, cred).is_some_and(|a| a < self.ttl)
+    }
+
+    /// Whether a yes within `max_stale` stands (upstream unreachable).
+    pub fn stale_yes(&self, repo: &RepoName, cred: [u8; 32]) -> bool {
+        self.age(repo, cred).is_some_and(|a| a < self.max_stale)
+    }
+
+    /// May this client read `digest` from `repo`? Asks the upstream (a HEAD
+    /// with the client's own `Authorization`) unless a fresh yes stands and
+    /// the upstream already confirmed `repo` holds `digest`.
+    pub async fn check(
+        &self,
+        kind: Kind,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Decision {
+        let (upstream, index, metrics) = (&self.upstream, &self.index, &*self.metrics);
+        let cred = credentials_key(auth);
+        let present = index.is_present(repo, digest).unwrap_or(false);
+        if present && self.fresh_yes(repo, cred) {
+            metrics::inc(&metrics.auth_remembered);
+            return Decision::Allowed { stale: false };
+        }
+        metrics::inc(&metrics.auth_checks);
+        let path = kind.path(repo, digest.as_str());
+        let accept = [(header::ACCEPT, crate::referrers::ACCEPT_MANIFESTS)];
+        let headers: &[(header::HeaderName, &str)] =
+            if kind == Kind::Manifest { &accept } else { &[] };
+        let outcome = upstream
+            .call(Method::HEAD, &path, auth, headers, Bytes::new())
+            .await;
+        let offline = |e: Error| {
+            if present && self.stale_yes(repo, cred) {
+                metrics::inc(&metrics.cache_stale_hits);
+                tracing::info!(%repo, %digest, "upstream unreachable; serving on a remembered authorization");
+                Decision::Allowed { stale: true }
+            } else {
+                Decision::Unreachable(e)
+            }
+        };
+        match outcome {
+            Ok(resp) if resp.status().is_success() => {
+                self.remember_yes(repo, cred);
+                let _ = index.mark_present(repo, digest);
+                Decision::Allowed { stale: false }
+            }
+            Ok(resp) if is_outage(resp.status()) => offline(Error::UpstreamUnreachable(format!(
+                "upstream answered {}",
+                resp.status()
+            ))),
+            Ok(resp) => {
+                let status = resp.status();
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                    self.forget(repo, cred);
+                }
+                if status == StatusCode::NOT_FOUND {
+                    let _ = index.forget_present(repo, digest);
+                }
+                Decision::Denied
+            }
+            Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::Timeout(_))) => {
+                offline(e.into())
+            }
+        }
+    }
+}

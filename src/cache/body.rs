@@ -1,0 +1,170 @@
+//! Response bodies read from cache files: a committed file (a hit), or the
+//! temp file of a fill in progress, following its growth.
+
+use std::fs::File;
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Frame, SizeHint};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::FillState;
+use crate::body::BoxError;
+
+/// Large reads keep the per-chunk cost (one blocking-pool hop) small
+/// relative to the bytes moved.
+const CHUNK: u64 = 512 * 1024;
+
+type Wait = Pin<Box<dyn Future<Output = watch::Receiver<FillState>> + Send>>;
+
+/// Streams `[pos, end)` of a file. With a fill attached, bytes are sent only
+/// as far as the fill has written them, and the last byte only once the
+/// fill is committed — a body that ends cleanly always matches its digest.
+pub struct FileBody {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+    fill: Option<watch::Receiver<FillState>>,
+    waiting: Option<Wait>,
+    reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+}
+
+impl FileBody {
+    /// A committed file, `[start, end)`.
+    pub fn committed(file: Arc<File>, start: u64, end: u64) -> FileBody {
+        FileBody {
+            file,
+            pos: start,
+            end,
+            fill: None,
+            waiting: None,
+            reading: None,
+        }
+    }
+
+    /// The temp file of a fill; `len` when the upstream declared it.
+    pub fn following(
+        file: Arc<File>,
+        len: Option<u64>,
+        fill: watch::Receiver<FillState>,
+    ) -> FileBody {
+        FileBody {
+            file,
+            pos: 0,
+            end: len.unwrap_or(u64::MAX),
+            fill: Some(fill),
+            waiting: None,
+            reading: None,
+        }
+    }
+
+    /// How far bytes may be sent now, or the fill's failure.
+    fn available(&mut self) -> Result<u64, BoxError> {
+        let Some(rx) = self.fill.as_mut() else {
+            return Ok(self.end);
+        };
+        // Marks this version seen, so the wait below wakes on any newer one.
+        let state = rx.borrow_and_update().clone();
+        match state {
+            FillState::Done { len } => {
+                self.end = self.end.min(len);
+                self.fill = None;
+                Ok(self.end)
+            }
+            FillState::Writing { written } => Ok(written.min(self.end.saturating_sub(1))),
+            FillState::Failed(why) => Err(format!("cache fill failed: {why}").into()),
+            FillState::Connecting | FillState::Abandoned => Err("cache fill was abandoned".into()),
+        }
+    }
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(reading) = self.reading.as_mut() {
+                let res = match Pin::new(reading).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r,
+                };
+                self.reading = None;
+                return match res {
+                    Ok(Ok(bytes)) if bytes.is_empty() => {
+                        Poll::Ready(Some(Err("cache file shorter than expected".into())))
+                    }
+                    Ok(Ok(bytes)) => {
+                        self.pos += bytes.len() as u64;
+                        Poll::Ready(Some(Ok(Frame::data(bytes))))
+                    }
+                    Ok(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+                    Err(e) => Poll::Ready(Some(Err(e.into()))),
+                };
+            }
+            if let Some(waiting) = self.waiting.as_mut() {
+                let rx = match waiting.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(rx) => rx,
+                };
+                self.waiting = None;
+                self.fill = Some(rx);
+            }
+            let available = match self.available() {
+                Ok(a) => a,
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            };
+            if self.pos >= self.end && self.fill.is_none() {
+                return Poll::Ready(None);
+            }
+            if available > self.pos {
+                let n = (available - self.pos).min(CHUNK) as usize;
+                let file = self.file.clone();
+                let at = self.pos;
+                self.reading = Some(tokio::task::spawn_blocking(move || {
+                    let mut buf = BytesMut::zeroed(n);
+                    let mut filled = 0;
+                    while filled < n {
+                        let got = file.read_at(&mut buf[filled..], at + filled as u64)?;
+                        if got == 0 {
+                            break;
+                        }
+                        filled += got;
+                    }
+                    buf.truncate(filled);
+                    Ok(buf.freeze())
+                }));
+                continue;
+            }
+            // Nothing new yet: wait for the fill to move.
+            let mut rx = self
+                .fill
+                .take()
+                .expect("a fill is attached when bytes are pending");
+            self.waiting = Some(Box::pin(async move {
+                let _ = rx.changed().await;
+                rx
+            }));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.fill.is_none() && self.pos >= self.end && self.reading.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.end == u64::MAX {
+            SizeHint::default()
+        } else {
+            SizeHint::with_exact(self.end - self.pos)
+        }
+    }
+}
