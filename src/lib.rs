@@ -69,17 +69,26 @@ pub async fn run(
     server::serve(listener, &server_cfg, proxy, shutdown).await
 }
 
-/// Finishes referrer pushes and fallback-tag writes a crash or an upstream
-/// outage left owed, retrying until none remain.
+/// Finishes referrer pushes and fallback-tag writes that a crash or an
+/// upstream outage left owed: at startup, then periodically for the life of
+/// the process (a tag write that failed mid-run is retried too), backing off
+/// while work stays owed.
 async fn recover_in_background(referrers: Arc<referrers::Referrers>) {
-    let mut delay = std::time::Duration::from_secs(1);
+    use std::time::Duration;
+    const IDLE: Duration = Duration::from_secs(30);
+    let mut delay = Duration::from_secs(1);
     loop {
         match referrers.recover().await {
-            Ok(0) => return,
-            Ok(n) => tracing::warn!(owed = n, "referrer work still owed; retrying"),
-            Err(e) => tracing::error!(error = %e, "recovery failed; retrying"),
+            Ok(0) => delay = IDLE,
+            Ok(n) => {
+                tracing::warn!(owed = n, "referrer work still owed; retrying");
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "recovery failed; retrying");
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(60));
     }
 }

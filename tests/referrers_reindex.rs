@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::artifacts::{
-    artifact, digests_of, expected_descriptor, graft_command, push_by_digest, push_subject,
-    put_fallback_tag, referrer_list, referrers, upstream_fallback_digests, Subject, MANIFEST,
+    artifact, digests_of, expected_descriptor, graft_command, push_by_digest, push_signed_subject,
+    push_subject, put_fallback_tag, referrer_list, referrers, upstream_fallback_digests, Subject,
+    MANIFEST,
 };
-use common::{sha256_digest, Api, Graft, Registry, TestImage};
+use common::{sha256_digest, Api, Graft, Registry, RegistryOptions, TestImage};
 use graft::admin::reindex::{self, ReindexSummary};
 use graft::config::FallbackTag;
 use graft::index::Index;
@@ -249,16 +250,7 @@ async fn reindex_walks_every_page_of_the_catalog() {
             .push_manifest(&repo, "v1", MANIFEST, filler.manifest.clone())
             .await;
     }
-    let subject = push_subject(&upstream, "zz/last", "v1").await;
-    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
-    push_by_digest(&upstream, "zz/last", &sig).await;
-    put_fallback_tag(
-        &upstream,
-        "zz/last",
-        &subject.fallback_tag(),
-        &[expected_descriptor(&sig)],
-    )
-    .await;
+    let (subject, sig) = push_signed_subject(&upstream, "zz/last").await;
 
     let data = tempfile::tempdir().expect("data dir");
     let summary = reindex(&config_for(&registry, data.path()), &[]).await;
@@ -285,19 +277,49 @@ async fn reindex_walks_every_page_of_the_catalog() {
 }
 
 #[tokio::test]
+async fn reindex_reads_a_protected_registry_with_graft_s_own_credentials() {
+    let registry = Registry::start_with(RegistryOptions::default().basic_auth("robot", "s3cret"));
+    let upstream = Api::for_registry(&registry);
+    let (subject, sig) = push_signed_subject(&upstream, "app").await;
+    let data = tempfile::tempdir().expect("data dir");
+    let mut config = config_for(&registry, data.path());
+
+    // Anonymous: the catalog is refused, and so are the tags.
+    let refused = reindex::run(&config, &[], &ProgressBar::hidden())
+        .await
+        .expect_err("the catalog needs credentials");
+    assert!(refused.to_string().contains("--repo"), "{refused}");
+    let anonymous = reindex(&config, &["app"]).await;
+    assert_eq!(anonymous.subjects, 0);
+    assert!(
+        anonymous.problems[0].contains("401"),
+        "{:?}",
+        anonymous.problems
+    );
+
+    config.upstream.username = Some("robot".into());
+    config.upstream.password = Some("s3cret".into());
+    let summary = reindex(&config, &[]).await;
+    assert_eq!(
+        (
+            summary.repositories,
+            summary.subjects,
+            summary.referrers_added
+        ),
+        (1, 1, 1),
+        "{summary}"
+    );
+    assert_eq!(
+        indexed(data.path(), "app", &subject.digest),
+        vec![expected_descriptor(&sig)]
+    );
+}
+
+#[tokio::test]
 async fn graft_reindex_prints_a_summary_and_refuses_an_index_in_use() {
     let registry = Registry::start();
     let upstream = Api::for_registry(&registry);
-    let subject = push_subject(&upstream, "app", "v1").await;
-    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
-    push_by_digest(&upstream, "app", &sig).await;
-    put_fallback_tag(
-        &upstream,
-        "app",
-        &subject.fallback_tag(),
-        &[expected_descriptor(&sig)],
-    )
-    .await;
+    let (subject, sig) = push_signed_subject(&upstream, "app").await;
 
     let work = tempfile::tempdir().expect("work dir");
     let data = work.path().join("data");

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::artifacts::{
-    artifact, digests_of, expected_descriptor, push_by_digest, push_subject, put_fallback_tag,
-    referrer_list, referrers, upstream_fallback_digests,
+    artifact, digests_of, push_by_digest, push_signed_subject, referrer_list, referrers,
+    upstream_fallback_digests,
 };
 use common::{sha256_digest, Api, Graft, Registry};
 use http_body_util::{BodyExt, Full};
@@ -138,16 +138,7 @@ async fn a_tag_rewrite_keeps_entries_the_upstream_could_not_judge() {
 
     // A tag-schema client wrote a referrer and the tag straight to the
     // registry.
-    let subject = push_subject(&upstream, "app", "v1").await;
-    let old = artifact(&subject, Some("application/vnd.example.sig"), None, None);
-    push_by_digest(&upstream, "app", &old).await;
-    put_fallback_tag(
-        &upstream,
-        "app",
-        &subject.fallback_tag(),
-        &[expected_descriptor(&old)],
-    )
-    .await;
+    let (subject, old) = push_signed_subject(&upstream, "app").await;
 
     // While the upstream cannot serve that referrer's manifest, a new
     // referrer is pushed through graft, which rewrites the tag.

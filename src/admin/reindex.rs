@@ -121,13 +121,28 @@ pub async fn run(
         config.referrers.clone(),
         auth.clone(),
     );
-    let mut summary = ReindexSummary::default();
+    let walked = walk(&referrers, &upstream, auth.as_ref(), repos, progress).await;
+    // Also on errors: the bar's ticker must stop before the error is shown.
+    progress.finish_and_clear();
+    referrers.index().flush().await?;
+    walked
+}
 
+/// Lists the repositories' tags, then reindexes every fallback tag among
+/// them; what cannot be read is noted in the summary, not fatal.
+async fn walk(
+    referrers: &Referrers,
+    upstream: &Upstream,
+    auth: Option<&HeaderValue>,
+    repos: &[RepoName],
+    progress: &ProgressBar,
+) -> Result<ReindexSummary, ReindexError> {
+    let mut summary = ReindexSummary::default();
     progress.set_style(spinner_style());
     progress.enable_steady_tick(Duration::from_millis(120));
     let repos = if repos.is_empty() {
         progress.set_message("listing repositories");
-        catalog(&upstream, auth.as_ref()).await?
+        catalog(upstream, auth).await?
     } else {
         repos.to_vec()
     };
@@ -135,7 +150,7 @@ pub async fn run(
     let mut work = Vec::new();
     for (i, repo) in repos.iter().enumerate() {
         progress.set_message(format!("listing tags {}/{}: {repo}", i + 1, repos.len()));
-        match tags(&upstream, repo, auth.as_ref()).await {
+        match tags(upstream, repo, auth).await {
             Ok(Some(tags)) => {
                 summary.repositories += 1;
                 work.extend(
@@ -156,7 +171,7 @@ pub async fn run(
     progress.set_position(0);
     for (repo, tag) in &work {
         progress.set_message(format!("{repo}:{tag}"));
-        match referrers.reindex_tag(repo, tag, auth.as_ref()).await {
+        match referrers.reindex_tag(repo, tag, auth).await {
             Ok(Access::Granted(stats)) => {
                 summary.subjects += 1;
                 summary.entries += stats.entries;
@@ -171,8 +186,6 @@ pub async fn run(
         }
         progress.inc(1);
     }
-    progress.finish_and_clear();
-    referrers.index().flush().await?;
     Ok(summary)
 }
 

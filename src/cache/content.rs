@@ -21,6 +21,38 @@ pub struct Hit {
     pub media_type: Option<String>,
 }
 
+/// What [`ContentCache::verify_each`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Files re-hashed, and their bytes.
+    pub checked: usize,
+    pub bytes: u64,
+    /// Files whose bytes did not match their digest (now removed), with
+    /// their sizes.
+    pub corrupt: Vec<(Digest, u64)>,
+    /// Files that could not be read, with the error (left in place).
+    pub unreadable: Vec<(Digest, String)>,
+}
+
+/// What the cache holds, for `graft cache stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Entries in the index, and the bytes they record.
+    pub entries: usize,
+    pub entry_bytes: u64,
+    /// Committed files on disk, and their bytes.
+    pub files: usize,
+    pub file_bytes: u64,
+    /// The byte count eviction works against.
+    pub bytes_in_use: u64,
+    /// The budget (`cache.max_bytes`).
+    pub max_bytes: u64,
+    /// Unix milliseconds of the least and most recent access; `None` when
+    /// the cache is empty.
+    pub oldest_access_ms: Option<u64>,
+    pub newest_access_ms: Option<u64>,
+}
+
 pub struct ContentCache {
     pub store: Arc<Store>,
     pub fills: Arc<Fills>,
@@ -229,48 +261,110 @@ impl ContentCache {
         if self.metrics.cache_bytes.load(Ordering::Relaxed) <= budget {
             return 0;
         }
-        self.flush_touches();
-        let target = budget / 10 * 9;
-        let mut entries = match self.index.cache_entries() {
-            Ok(e) => e,
+        match self.evict_to(budget / 10 * 9) {
+            Ok(removed) => removed.len(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot list cache entries for eviction");
-                return 0;
+                0
             }
-        };
+        }
+    }
+
+    /// Evicts least recently used files until the cache holds at most
+    /// `max_bytes` (no hysteresis: `graft cache gc` is asked for a number),
+    /// and returns what it removed, oldest access first.
+    pub fn gc(&self, max_bytes: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
+        let _pass = self.evicting.lock().expect("eviction lock poisoned");
+        self.evict_to(max_bytes)
+    }
+
+    /// The eviction pass itself; the caller holds `evicting`.
+    fn evict_to(&self, target: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
+        // Reads not yet written to the index would otherwise look old.
+        self.flush_touches();
+        let mut entries = self.index.cache_entries().map_err(index_err)?;
         entries.sort_by_key(|(_, e)| e.last_access_ms);
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for (d, e) in entries {
             if self.metrics.cache_bytes.load(Ordering::Relaxed) <= target {
                 break;
             }
             // Unlinking leaves open readers their inode: a pull in progress
             // finishes; the next one is a miss.
-            if let Ok(true) = self.store.remove(&d) {
-                let _ = self.index.remove_cache_entry(&d);
-                self.sub_bytes(e.size);
-                metrics::inc(&self.metrics.evictions);
-                removed += 1;
-                tracing::debug!(digest = %d, size = e.size, "evicted");
+            match self.store.remove(&d) {
+                Ok(true) => {
+                    let _ = self.index.remove_cache_entry(&d);
+                    self.sub_bytes(e.size);
+                    metrics::inc(&self.metrics.evictions);
+                    tracing::debug!(digest = %d, size = e.size, "evicted");
+                    removed.push((d, e));
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(digest = %d, error = %err, "cannot evict"),
             }
         }
-        removed
+        Ok(removed)
     }
 
     /// Re-hashes every file; corrupt ones are removed. Returns
-    /// `(checked, corrupt digests)`.
+    /// `(checked, corrupt digests)`; a file that cannot be read is an error.
     pub fn verify_all(&self) -> Result<(usize, Vec<Digest>), CacheError> {
-        let mut bad = Vec::new();
-        let files = self.store.list()?;
-        for (d, size) in &files {
-            if !self.store.verify(d)? {
-                self.store.remove(d)?;
-                let _ = self.index.remove_cache_entry(d);
-                self.sub_bytes(*size);
-                bad.push(d.clone());
-            }
+        let report = self.verify_each(|_, _| {})?;
+        if let Some((d, why)) = report.unreadable.first() {
+            return Err(CacheError::Io(std::io::Error::other(format!(
+                "cannot read {d}: {why}"
+            ))));
         }
-        Ok((files.len(), bad))
+        Ok((
+            report.checked,
+            report.corrupt.into_iter().map(|(d, _)| d).collect(),
+        ))
+    }
+
+    /// Re-hashes every file, calling `on_file(digest, size)` after each (a
+    /// progress bar). Corrupt files are removed with their entries; files
+    /// that cannot be read are reported and left alone — an I/O error may be
+    /// the disk's or a permission's, not the content's.
+    pub fn verify_each(
+        &self,
+        mut on_file: impl FnMut(&Digest, u64),
+    ) -> Result<VerifyReport, CacheError> {
+        let mut report = VerifyReport::default();
+        for (d, size) in self.store.list()? {
+            match self.store.verify(&d) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.store.remove(&d)?;
+                    let _ = self.index.remove_cache_entry(&d);
+                    self.sub_bytes(size);
+                    report.corrupt.push((d.clone(), size));
+                }
+                // Evicted since the listing: nothing left to check.
+                Err(CacheError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => report.unreadable.push((d.clone(), e.to_string())),
+            }
+            report.checked += 1;
+            report.bytes += size;
+            on_file(&d, size);
+        }
+        Ok(report)
+    }
+
+    /// What the cache holds: the index's entries against the files on disk.
+    pub fn stats(&self) -> Result<CacheStats, CacheError> {
+        self.flush_touches();
+        let entries = self.index.cache_entries().map_err(index_err)?;
+        let files = self.store.list()?;
+        Ok(CacheStats {
+            entries: entries.len(),
+            entry_bytes: entries.iter().map(|(_, e)| e.size).sum(),
+            files: files.len(),
+            file_bytes: files.iter().map(|(_, size)| size).sum(),
+            bytes_in_use: self.bytes(),
+            max_bytes: self.cfg.max_bytes,
+            oldest_access_ms: entries.iter().map(|(_, e)| e.last_access_ms).min(),
+            newest_access_ms: entries.iter().map(|(_, e)| e.last_access_ms).max(),
+        })
     }
 
     fn sub_bytes(&self, n: u64) {
@@ -294,6 +388,24 @@ impl ContentCache {
     }
 }
 
+impl Drop for ContentCache {
+    /// Access times still batched in memory are written on the way out:
+    /// without this, reads in the seconds before a shutdown were lost, and
+    /// `graft cache gc` right after evicted what had just been pulled.
+    fn drop(&mut self) {
+        let batch: Vec<(Digest, u64)> = match self.touched.get_mut() {
+            Ok(map) => map.drain().collect(),
+            Err(poisoned) => poisoned.into_inner().drain().collect(),
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.index.touch_cache_entries(&batch) {
+            tracing::warn!(error = %e, "cannot record cache access times at shutdown");
+        }
+    }
+}
+
 fn index_err(e: crate::index::IndexError) -> CacheError {
     CacheError::Io(std::io::Error::other(e.to_string()))
 }
@@ -310,5 +422,115 @@ pub async fn upkeep(cache: Arc<ContentCache>) {
             c.evict();
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: usize = 1024;
+
+    /// A cache in a fresh directory with a budget too large to evict on
+    /// its own, and the index it records into.
+    fn open_cache(dir: &std::path::Path) -> (Arc<ContentCache>, Index) {
+        let index = Index::open(&dir.join("index")).expect("index");
+        let cfg = CacheConfig {
+            max_bytes: 1 << 30,
+            ..crate::Config::default().cache
+        };
+        let cache = ContentCache::open(dir, index.clone(), Arc::default(), cfg).expect("cache");
+        (cache, index)
+    }
+
+    /// Stores `n` distinct blobs of one KiB, oldest first, each accessed a
+    /// few milliseconds after the previous one.
+    async fn fill(cache: &Arc<ContentCache>, n: u8) -> Vec<Digest> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let bytes = bytes::Bytes::from(vec![i; KIB]);
+            let d = Digest::sha256_of(&bytes);
+            cache.store_bytes(&d, bytes, None).await;
+            out.push(d);
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn gc_removes_least_recently_used_files_until_within_the_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, _index) = open_cache(dir.path());
+        let d = fill(&cache, 4).await;
+        // A read of the oldest, still batched in memory, makes it the newest.
+        cache.touch(&d[0]);
+
+        assert!(cache.gc(4 * KIB as u64).expect("gc").is_empty());
+        let removed: Vec<Digest> = cache
+            .gc(2 * KIB as u64)
+            .expect("gc")
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(removed, vec![d[1].clone(), d[2].clone()]);
+        assert_eq!(cache.bytes(), 2 * KIB as u64);
+        assert!(cache.store.contains(&d[0]) && cache.store.contains(&d[3]));
+        assert!(!cache.store.contains(&d[1]) && !cache.store.contains(&d[2]));
+        assert_eq!(cache.entries(), 2);
+    }
+
+    #[tokio::test]
+    async fn stats_compare_the_index_with_the_files_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, index) = open_cache(dir.path());
+        assert_eq!(
+            cache.stats().expect("stats"),
+            CacheStats {
+                max_bytes: 1 << 30,
+                ..CacheStats::default()
+            }
+        );
+        let d = fill(&cache, 3).await;
+        let first = index.cache_entry(&d[0]).expect("read").expect("entry");
+        let last = index.cache_entry(&d[2]).expect("read").expect("entry");
+        let s = cache.stats().expect("stats");
+        assert_eq!((s.entries, s.entry_bytes), (3, 3 * KIB as u64));
+        assert_eq!((s.files, s.file_bytes), (3, 3 * KIB as u64));
+        assert_eq!(s.bytes_in_use, 3 * KIB as u64);
+        assert_eq!(s.oldest_access_ms, Some(first.last_access_ms));
+        assert_eq!(s.newest_access_ms, Some(last.last_access_ms));
+    }
+
+    #[tokio::test]
+    async fn verify_removes_corrupt_files_with_their_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, index) = open_cache(dir.path());
+        let d = fill(&cache, 3).await;
+        std::fs::write(cache.store.path_of(&d[1]), vec![9u8; KIB]).expect("corrupt");
+        let mut seen = Vec::new();
+        let report = cache
+            .verify_each(|d, size| seen.push((d.clone(), size)))
+            .expect("verify");
+        assert_eq!((report.checked, report.bytes), (3, 3 * KIB as u64));
+        assert_eq!(report.corrupt, vec![(d[1].clone(), KIB as u64)]);
+        assert!(report.unreadable.is_empty());
+        assert_eq!(seen.len(), 3);
+        assert!(!cache.store.contains(&d[1]));
+        assert_eq!(index.cache_entry(&d[1]).expect("read"), None);
+        assert_eq!(cache.bytes(), 2 * KIB as u64);
+        assert_eq!(cache.verify_all().expect("verify"), (2, vec![]));
+    }
+
+    #[tokio::test]
+    async fn batched_access_times_are_written_when_the_cache_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cache, index) = open_cache(dir.path());
+        let d = fill(&cache, 1).await;
+        let stored = index.cache_entry(&d[0]).expect("read").expect("entry");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        cache.touch(&d[0]);
+        drop(cache);
+        let after = index.cache_entry(&d[0]).expect("read").expect("entry");
+        assert!(after.last_access_ms > stored.last_access_ms);
     }
 }

@@ -126,7 +126,13 @@ async fn put(
     };
     // On error it is unknown whether the upstream took the push: the intent
     // stays, and recovery asks the upstream later.
-    let mut resp = forwarded?;
+    let mut resp = match forwarded {
+        Ok(r) => r,
+        Err(e) => {
+            referrers.push_unresolved(&name, &desc.digest);
+            return Err(e);
+        }
+    };
     let accepted = resp.status().is_success();
     if accepted {
         // A 1.1 upstream answers with OCI-Subject itself.

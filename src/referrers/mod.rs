@@ -11,8 +11,9 @@
 pub(crate) mod fallback;
 mod writer;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -65,6 +66,10 @@ pub struct Referrers {
     native: AtomicU8,
     writer: writer::TagWriter,
     recent: fallback::RecentChecks,
+    /// Pushes forwarded right now: their intents are not crash leftovers,
+    /// and recovery must not judge them by a HEAD that can race the
+    /// upstream's accept.
+    in_flight: Mutex<HashSet<(RepoName, Digest)>>,
 }
 
 /// Whose referrers a fallback tag holds.
@@ -131,6 +136,7 @@ impl Referrers {
             native: AtomicU8::new(native),
             writer: writer::TagWriter::default(),
             recent: fallback::RecentChecks::default(),
+            in_flight: Mutex::new(HashSet::new()),
         })
     }
 
@@ -199,9 +205,22 @@ impl Referrers {
         subject: &Digest,
         d: &Descriptor,
     ) -> Result<(), Error> {
+        self.in_flight
+            .lock()
+            .expect("in-flight set poisoned")
+            .insert((repo.clone(), d.digest.clone()));
         self.index.add_intent(repo, subject, d)?;
         self.index.flush().await?;
         Ok(())
+    }
+
+    /// The push's outcome is unknown (the upstream connection failed): its
+    /// intent stays for recovery to settle by asking the upstream.
+    pub fn push_unresolved(&self, repo: &RepoName, referrer: &Digest) {
+        self.in_flight
+            .lock()
+            .expect("in-flight set poisoned")
+            .remove(&(repo.clone(), referrer.clone()));
     }
 
     /// After the upstream answered a push announced by [`before_push`].
@@ -213,12 +232,19 @@ impl Referrers {
         accepted: bool,
         auth: Option<&HeaderValue>,
     ) -> Result<(), Error> {
+        let recorded = if accepted {
+            crate::failpoint::hit("after-upstream-accept");
+            self.record(repo, subject, d).await
+        } else {
+            self.index
+                .remove_intent(repo, subject, &d.digest)
+                .map_err(Error::from)
+        };
+        self.push_unresolved(repo, &d.digest);
+        recorded?;
         if !accepted {
-            self.index.remove_intent(repo, subject, &d.digest)?;
             return Ok(());
         }
-        crate::failpoint::hit("after-upstream-accept");
-        self.record(repo, subject, d).await?;
         if self.writes_tags() {
             self.write_tag(repo, subject, auth).await;
         }
@@ -270,6 +296,15 @@ impl Referrers {
     pub async fn recover(&self) -> Result<usize, Error> {
         let auth = self.own_auth.clone();
         for intent in self.index.intents()? {
+            let key = (intent.repo.clone(), intent.descriptor.digest.clone());
+            if self
+                .in_flight
+                .lock()
+                .expect("in-flight set poisoned")
+                .contains(&key)
+            {
+                continue;
+            }
             let path = format!("/v2/{}/manifests/{}", intent.repo, intent.descriptor.digest);
             let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
             match self

@@ -202,6 +202,23 @@ pub async fn put_fallback_tag(api: &Api, repo: &str, tag: &str, entries: &[Value
         .await;
 }
 
+/// A subject with one signature (`application/vnd.example.sig`) and the
+/// fallback tag listing it, pushed through `api` as a tag-schema client
+/// does; returns the subject and the signature manifest.
+pub async fn push_signed_subject(api: &Api, repo: &str) -> (Subject, Bytes) {
+    let subject = push_subject(api, repo, "v1").await;
+    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    push_by_digest(api, repo, &sig).await;
+    put_fallback_tag(
+        api,
+        repo,
+        &subject.fallback_tag(),
+        &[expected_descriptor(&sig)],
+    )
+    .await;
+    (subject, sig)
+}
+
 /// The `graft` binary, run in `dir` (so no `config/graft.toml` is picked
 /// up) with no `GRAFT_*` settings from the test's environment.
 pub fn graft_command(dir: &std::path::Path) -> std::process::Command {
