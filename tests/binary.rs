@@ -94,3 +94,33 @@ async fn graft_serve_proxies_with_flags_and_exits_zero_on_sigterm() {
     let status = status.expect("exit status");
     assert!(status.success(), "exit status {status}:\n{}", read_log());
 }
+
+#[test]
+fn a_bad_configuration_prints_one_line_per_bad_key_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("graft.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"not an address\"\nshutdown_grace = \"soon\"\n[upstream]\nurl = \"ftp://x\"\n[nonsense]\nkey = 1\n",
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .args(["--log-format", "yaml"])
+        .output()
+        .expect("run graft");
+    assert_eq!(out.status.code(), Some(2), "exit status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 5, "one line per bad key:\n{stderr}");
+    for key in [
+        "server.listen",
+        "server.shutdown_grace",
+        "upstream.url",
+        "nonsense.key",
+        "log.format",
+    ] {
+        assert!(stderr.contains(key), "{key} not reported:\n{stderr}");
+    }
+}

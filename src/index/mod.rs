@@ -228,22 +228,12 @@ impl Index {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Vec<Digest>, IndexError> {
-        let mut subjects = Vec::new();
-        for k in self
-            .by_referrer
-            .scan_prefix(prefix(&[repo.as_str(), digest.as_str()]))
-            .keys()
-        {
-            let k = k?;
-            let parts = split(&k)?;
-            let subject: Digest = parts
-                .get(2)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| IndexError::Corrupt("by_referrer key".into()))?;
+        let subjects = self.subjects_of(repo, digest)?;
+        for subject in &subjects {
             self.referrers
                 .remove(key(&[repo.as_str(), subject.as_str(), digest.as_str()]))?;
-            self.by_referrer.remove(k)?;
-            subjects.push(subject);
+            self.by_referrer
+                .remove(key(&[repo.as_str(), digest.as_str(), subject.as_str()]))?;
         }
         self.tombstones
             .insert(key(&[repo.as_str(), digest.as_str()]), &[])?;

@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{passthrough, Outcome, Proxy};
+use super::{head_only, passthrough, Outcome, Proxy};
 use crate::access::{is_outage, Decision, Kind};
 use crate::body::{self, Body};
 use crate::cache::{now_secs, Claim, ContentCache, FileBody, FillState, Hit, Store};
@@ -140,7 +140,7 @@ async fn fetch(
             }
         };
         metrics::inc(&proxy.metrics.cache_misses);
-        let up_req = proxy.upstream.forward_request(clone_head(&req), client)?;
+        let up_req = proxy.upstream.forward_request(head_only(&req), client)?;
         let (resp, took) = proxy.upstream.send(up_req).await?;
         outcome.upstream = Some(took);
         proxy.metrics.upstream_latency(took);
@@ -257,7 +257,7 @@ pub(crate) async fn by_tag(
         }
     }
 
-    let mut head = clone_head(&req);
+    let mut head = head_only(&req);
     *head.method_mut() = Method::HEAD;
     let up_req = proxy.upstream.forward_request(head, client)?;
     let answer = proxy.upstream.send(up_req).await;
@@ -340,7 +340,7 @@ pub(crate) async fn by_tag(
         return passthrough::forward(proxy, req, client, outcome).await;
     }
     // Fetch by digest, so the cached copy is exactly what the tag named.
-    let mut by_digest_req = clone_head(&req);
+    let mut by_digest_req = head_only(&req);
     let pq = format!("/v2/{name}/manifests/{digest}");
     *by_digest_req.uri_mut() = pq
         .parse()
@@ -502,15 +502,6 @@ impl Want {
                 .map(str::to_string),
         }
     }
-}
-
-/// A body-less copy of a request's head (method, URI, headers).
-fn clone_head(req: &Request<Body>) -> Request<Body> {
-    let mut r = Request::new(body::empty());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.headers_mut() = req.headers().clone();
-    r
 }
 
 #[cfg(test)]

@@ -202,6 +202,16 @@ impl Proxy {
     }
 }
 
+/// A body-less copy of a request's head (method, URI, headers), for the
+/// requests graft derives from a client's: probes, HEADs, fetches by digest.
+pub(crate) fn head_only<B>(req: &Request<B>) -> Request<Body> {
+    let mut r = Request::new(body::empty());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
 /// graft's own `Authorization` for background work, from
 /// `upstream.username`/`upstream.password`.
 pub fn own_credentials(cfg: &crate::config::UpstreamConfig) -> Option<http::HeaderValue> {

@@ -7,7 +7,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::{passthrough, Outcome, Proxy};
+use super::{head_only, passthrough, Outcome, Proxy};
 use crate::body::{self, Body};
 use crate::error::{oci_error, Error};
 use crate::oci::{media, Digest, ErrorCode, ImageIndex, RepoName};
@@ -40,7 +40,7 @@ pub(crate) async fn handle(
         Some(false) => {}
         None => {
             // Mode `auto`, not yet known: ask the upstream once.
-            let probe = passthrough::forward(proxy, clone_request(&req), client, outcome).await?;
+            let probe = passthrough::forward(proxy, head_only(&req), client, outcome).await?;
             let is_index = probe
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -130,15 +130,6 @@ fn denied(d: Denial) -> Response<Body> {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
     }
     resp
-}
-
-/// A body-less copy of a GET, for the one-time probe.
-fn clone_request(req: &Request<Body>) -> Request<Body> {
-    let mut r = Request::new(body::empty());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.headers_mut() = req.headers().clone();
-    r
 }
 
 struct Query {
