@@ -547,3 +547,28 @@ async fn cache_verify_finds_and_drops_a_corrupted_file() {
     );
     assert!(!path.exists(), "the corrupt file was dropped");
 }
+
+#[tokio::test]
+async fn an_authorization_is_checked_once_per_ttl_not_per_hit() {
+    let registry = Registry::start();
+    let direct = Api::for_registry(&registry);
+    let image = TestImage::build(2);
+    direct.push_image("app", "v1", &image).await;
+    let graft = Graft::start(&registry);
+    let api = Api::for_graft(&graft);
+    pull_image(&api, "app", "v1", &image).await;
+    settle();
+    let heads = registry.count_requests("HEAD", "/v2/app/blobs/");
+    for _ in 0..5 {
+        for blob in image.blobs() {
+            assert_eq!(api.get_blob("app", &blob.digest).await, blob.data);
+        }
+    }
+    settle();
+    assert_eq!(
+        registry.count_requests("HEAD", "/v2/app/blobs/"),
+        heads,
+        "within cache.auth_ttl hits are decided from memory"
+    );
+    assert_eq!(blob_gets(&registry, "app"), 3);
+}

@@ -35,3 +35,32 @@ async fn auto_and_synthesize_answer_over_a_1_0_upstream_and_passthrough_forwards
         e.method == "GET" && e.uri.starts_with("/v2/app/referrers/")
     });
 }
+
+#[tokio::test]
+async fn within_tag_ttl_the_fallback_tag_is_not_rechecked() {
+    let registry = Registry::start();
+    let graft = Graft::start_with(&registry, |c| {
+        c.referrers.tag_ttl = std::time::Duration::from_secs(3600)
+    });
+    let api = Api::for_graft(&graft);
+    let subject = push_subject(&api, "app", "v1").await;
+    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    api.push_manifest("app", &sha256_digest(&sig), MANIFEST, sig.clone())
+        .await;
+    let tag_path = format!("/v2/app/manifests/{}", subject.fallback_tag());
+
+    let first = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let heads = registry.count_requests("HEAD", &tag_path);
+    for _ in 0..3 {
+        let again = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
+        assert_eq!(again, first);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        registry.count_requests("HEAD", &tag_path),
+        heads,
+        "the tag was rechecked within its TTL"
+    );
+    assert_eq!(first, vec![expected_descriptor(&sig)]);
+}
