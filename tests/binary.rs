@@ -124,3 +124,62 @@ fn a_bad_configuration_prints_one_line_per_bad_key_and_exits_2() {
         assert!(stderr.contains(key), "{key} not reported:\n{stderr}");
     }
 }
+
+#[tokio::test]
+async fn credentials_never_reach_the_logs_even_at_trace_level() {
+    let registry = Registry::start_with(
+        common::RegistryOptions::default().basic_auth("alice", "pa55-w0rd-xyz"),
+    );
+    let work = tempfile::tempdir().expect("work dir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log_path = work.path().join("graft.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_graft"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            &listen,
+            "--upstream",
+            &registry.url(),
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(work.path().join("data"))
+        .current_dir(work.path())
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log"))
+        .stderr(log);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("GRAFT_") {
+            command.env_remove(key);
+        }
+    }
+    let _graft = ServeProcess(command.spawn().expect("spawn graft serve"));
+    let api = Api::new(&format!("http://{listen}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.get("/healthz").send().await.is_err() {
+        assert!(Instant::now() < deadline, "graft did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alice = api.clone().with_basic_auth("alice", "pa55-w0rd-xyz");
+    let image = TestImage::build(1);
+    alice.push_image("app", "v1", &image).await;
+    alice.get_manifest("app", "v1").await;
+    alice.get_blob("app", &image.layers[0].digest).await;
+    let wrong = api.clone().with_basic_auth("alice", "wrong-pa55-abc");
+    let _ = Api::send(wrong.get("/v2/app/manifests/v1")).await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&log_path).expect("log");
+    assert!(text.contains("graft::access"), "the access log is there");
+    for secret in [
+        "pa55-w0rd-xyz",
+        "wrong-pa55-abc",
+        "YWxpY2U6cGE1NS13MHJkLXh5eg",
+    ] {
+        assert!(!text.contains(secret), "`{secret}` appeared in the logs");
+    }
+}
