@@ -33,6 +33,82 @@ pub enum Command {
     /// Print the referrers a running graft lists for a subject; --tree adds
     /// referrers of referrers.
     Referrers(ReferrersArgs),
+    /// Inspect and maintain the content cache, or fill it ahead of pulls.
+    Cache(CacheArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+/// `stats`, `gc` and `verify` open the data directory themselves: stop
+/// `graft serve` on it first. `warm` talks to a running graft.
+#[derive(Subcommand, Debug, Clone)]
+pub enum CacheCommand {
+    /// Print entries, bytes in use against the budget, the oldest and
+    /// newest access, and the files on disk (stop `graft serve` on the same
+    /// data directory first).
+    Stats(ConfigArgs),
+    /// Evict least recently used files until the cache fits its budget,
+    /// printing what was removed (stop `graft serve` first; it evicts on its
+    /// own while it runs).
+    Gc(CacheGcArgs),
+    /// Re-hash every cached file, remove the corrupt ones and report; exits 1
+    /// when any was corrupt (stop `graft serve` first).
+    Verify(ConfigArgs),
+    /// Pull whole images (every platform of an index: manifests, configs,
+    /// layers) through a running graft so that its cache holds them.
+    Warm(CacheWarmArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CacheGcArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Evict down to this size instead of the budget, e.g. 20GiB or
+    /// 1048576 [config: cache.max_bytes; default 10GiB]
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: Option<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CacheWarmArgs {
+    /// Images to pull: <repository>:<tag> or <repository>@<digest>, as
+    /// graft names them (no registry host), e.g. ci/builder:2024.06
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<String>,
+    #[command(flatten)]
+    pub client: GraftClientArgs,
+    /// Blobs of one image pulled at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub jobs: usize,
+}
+
+/// How a command reaches a running graft, as a registry client would.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GraftClientArgs {
+    /// The running graft to ask.
+    #[arg(
+        long,
+        env = "GRAFT_URL",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:5001"
+    )]
+    pub graft: String,
+    /// Registry user to read the repository as (basic auth, passed through
+    /// graft to the upstream).
+    #[arg(long, env = "GRAFT_CLIENT_USERNAME", value_name = "USER")]
+    pub username: Option<String>,
+    /// Password for --username; prefer the environment variable.
+    #[arg(
+        long,
+        env = "GRAFT_CLIENT_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
 }
 
 /// Options shared by every command that reads the configuration.
@@ -128,29 +204,11 @@ pub struct ReferrersArgs {
     /// Levels below the subject shown with --tree.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_depth: usize,
-    /// The running graft to ask.
-    #[arg(
-        long,
-        env = "GRAFT_URL",
-        value_name = "URL",
-        default_value = "http://127.0.0.1:5001"
-    )]
-    pub graft: String,
     /// Only the subject's referrers of this artifactType (repeatable, ORed).
     #[arg(long = "artifact-type", value_name = "TYPE")]
     pub artifact_types: Vec<String>,
-    /// Registry user to read the repository as (basic auth, passed through
-    /// graft to the upstream).
-    #[arg(long, env = "GRAFT_CLIENT_USERNAME", value_name = "USER")]
-    pub username: Option<String>,
-    /// Password for --username; prefer the environment variable.
-    #[arg(
-        long,
-        env = "GRAFT_CLIENT_PASSWORD",
-        value_name = "PASSWORD",
-        hide_env_values = true
-    )]
-    pub password: Option<String>,
+    #[command(flatten)]
+    pub client: GraftClientArgs,
 }
 
 impl ReindexArgs {
@@ -181,6 +239,13 @@ impl ConfigArgs {
             None => (default.as_path(), false),
         };
         Config::load(Some(file), &o)
+    }
+}
+
+impl CacheGcArgs {
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        self.common
+            .load(|o| o.set("cache.max_bytes", self.max_bytes.clone()))
     }
 }
 
@@ -273,5 +338,54 @@ mod tests {
         assert!(args.tree);
         assert_eq!(args.artifact_types, ["x/y"]);
         assert_eq!(args.max_depth, 8);
+    }
+
+    #[test]
+    fn cache_commands_parse_and_gc_overrides_the_budget() {
+        let cli = Cli::try_parse_from([
+            "graft",
+            "cache",
+            "gc",
+            "--data-dir",
+            "/tmp/d",
+            "--max-bytes",
+            "2MiB",
+        ])
+        .expect("parses");
+        let Command::Cache(CacheArgs {
+            command: CacheCommand::Gc(mut args),
+        }) = cli.command
+        else {
+            panic!("not cache gc")
+        };
+        args.common.config = None;
+        let c = args.load().expect("valid");
+        assert_eq!(c.cache.max_bytes, 2 << 20);
+        assert_eq!(c.storage.data_dir, PathBuf::from("/tmp/d"));
+        args.max_bytes = Some("lots".into());
+        assert!(args.load().is_err());
+
+        let cli = Cli::try_parse_from([
+            "graft",
+            "cache",
+            "warm",
+            "a:v1",
+            "b@sha256:00",
+            "--graft",
+            "http://127.0.0.1:6000",
+            "--jobs",
+            "2",
+        ])
+        .expect("parses");
+        let Command::Cache(CacheArgs {
+            command: CacheCommand::Warm(args),
+        }) = cli.command
+        else {
+            panic!("not cache warm")
+        };
+        assert_eq!(args.images, ["a:v1", "b@sha256:00"]);
+        assert_eq!(args.client.graft, "http://127.0.0.1:6000");
+        assert_eq!(args.jobs, 2);
+        assert!(Cli::try_parse_from(["graft", "cache", "warm"]).is_err());
     }
 }

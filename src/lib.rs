@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //!
-//! - [`admin`]: the operator commands beside the proxy — `graft reindex`
-//!   and `graft referrers`.
+//! - [`admin`]: the operator commands beside the proxy — `graft reindex`,
+//!   `graft referrers`, `graft cache stats|gc|verify|warm`.
 //! - [`cli`]: the command line (`graft serve`, …); the binary only parses it
 //!   and calls in here.
 //! - [`config`]: defaults, `graft.toml`, `GRAFT_*` variables and flags, with

@@ -4,9 +4,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use graft::cli::{Cli, Command, ReferrersArgs, ReindexArgs};
-use graft::config::LogFormat;
-use indicatif::ProgressBar;
+use graft::cli::{
+    CacheCommand, CacheWarmArgs, Cli, Command, GraftClientArgs, ReferrersArgs, ReindexArgs,
+};
+use graft::config::{Config, ConfigErrors, LogFormat};
+use indicatif::{MultiProgress, ProgressBar};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         }
         Command::Reindex(args) => reindex(&args),
         Command::Referrers(args) => referrers(&args),
+        Command::Cache(args) => cache(args.command),
         Command::Healthcheck { url } => match healthcheck(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -99,7 +102,7 @@ fn referrers(args: &ReferrersArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let auth = match basic_auth(args.username.as_deref(), args.password.as_deref()) {
+    let auth = match basic_auth(&args.client) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("graft referrers: {e}");
@@ -107,7 +110,7 @@ fn referrers(args: &ReferrersArgs) -> ExitCode {
         }
     };
     let opts = listing::ListOptions {
-        graft: args.graft.clone(),
+        graft: args.client.graft.clone(),
         artifact_types: args.artifact_types.clone(),
         tree: args.tree,
         max_depth: args.max_depth.max(1),
@@ -128,11 +131,112 @@ fn referrers(args: &ReferrersArgs) -> ExitCode {
     }
 }
 
-fn basic_auth(
-    user: Option<&str>,
-    password: Option<&str>,
-) -> Result<Option<http::HeaderValue>, String> {
-    match (user, password) {
+/// `graft cache stats|gc|verify|warm`. Exit codes: 0 when the command did
+/// all it was asked (stats printed; the cache within its budget after gc;
+/// every file sound for verify — so a cron job notices corruption; every
+/// image pulled completely for warm); 1 otherwise, or when the data
+/// directory cannot be used (a running graft holds it…) or graft cannot be
+/// asked; 2 for a bad configuration, image reference or credentials.
+fn cache(command: CacheCommand) -> ExitCode {
+    use graft::admin::cache;
+    match command {
+        CacheCommand::Stats(args) => with_config(args.load(|_| {}), |config| {
+            init_logging(config.log.format, std::io::stderr);
+            finish("cache stats", cache::stats(&config), |_| true)
+        }),
+        CacheCommand::Gc(args) => with_config(args.load(), |config| {
+            init_logging(config.log.format, std::io::stderr);
+            finish("cache gc", cache::gc(&config), |r| r.within_budget())
+        }),
+        CacheCommand::Verify(args) => with_config(args.load(|_| {}), |config| {
+            // Draws only when stderr is a terminal; log lines go above it.
+            let bar = ProgressBar::new(0);
+            let above = bar.clone();
+            init_logging(config.log.format, move || AboveBar(above.clone()));
+            let verified = cache::verify(&config, &bar);
+            bar.finish_and_clear();
+            finish("cache verify", verified, |r| r.is_clean())
+        }),
+        CacheCommand::Warm(args) => cache_warm(&args),
+    }
+}
+
+/// Runs `run` with the loaded configuration, or reports every bad key and
+/// exits 2.
+fn with_config(
+    loaded: Result<Config, ConfigErrors>,
+    run: impl FnOnce(Config) -> ExitCode,
+) -> ExitCode {
+    match loaded {
+        Ok(config) => run(config),
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `graft cache warm`: pulls through a running graft; see [`cache`] for the
+/// exit codes.
+fn cache_warm(args: &CacheWarmArgs) -> ExitCode {
+    use graft::admin::warm;
+    let mut images = Vec::with_capacity(args.images.len());
+    for s in &args.images {
+        match warm::ImageRef::parse(s) {
+            Ok(r) => images.push(r),
+            Err(e) => {
+                eprintln!("graft cache warm: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let auth = match basic_auth(&args.client) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("graft cache warm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = warm::WarmOptions {
+        graft: args.client.graft.clone(),
+        auth,
+        jobs: args.jobs.max(1),
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    // One bar per image; drawn only when stderr is a terminal.
+    let bars = MultiProgress::new();
+    let warmed = runtime.block_on(warm::run(&opts, &images, &bars));
+    finish("cache warm", warmed, |s| s.is_complete())
+}
+
+/// Prints a command's report on stdout, or its error on stderr, and gives
+/// the exit code: 0 when `ok` holds for the report, else 1.
+fn finish<R: std::fmt::Display, E: std::fmt::Display>(
+    command: &str,
+    result: Result<R, E>,
+    ok: impl FnOnce(&R) -> bool,
+) -> ExitCode {
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            if ok(&report) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("graft {command}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `Authorization` a command sends to graft as a registry client.
+fn basic_auth(client: &GraftClientArgs) -> Result<Option<http::HeaderValue>, String> {
+    match (client.username.as_deref(), client.password.as_deref()) {
         (None, None) => Ok(None),
         (None, Some(_)) => Err("--password needs --username".into()),
         (Some(user), password) => {

@@ -1,13 +1,18 @@
 //! Operator commands that run beside the proxy rather than inside it:
 //! [`reindex`] (`graft reindex`) rebuilds the referrers index from the
-//! upstream's fallback tags, and [`listing`] (`graft referrers`) shows what
-//! a running graft's referrers API answers, as a list or a tree.
+//! upstream's fallback tags, [`listing`] (`graft referrers`) shows what
+//! a running graft's referrers API answers, as a list or a tree,
+//! [`cache`] (`graft cache stats|gc|verify`) inspects and maintains the
+//! content cache of a stopped graft's data directory, and [`warm`]
+//! (`graft cache warm`) pre-pulls images through a running graft.
 //!
-//! Both walk paginated registry answers; [`next_link`] is the one reading
-//! of `Link: <…>; rel="next"` they share.
+//! `reindex` and `listing` walk paginated registry answers; [`next_link`]
+//! is the one reading of `Link: <…>; rel="next"` they share.
 
+pub mod cache;
 pub mod listing;
 pub mod reindex;
+pub mod warm;
 
 use http::header::{self, HeaderMap};
 

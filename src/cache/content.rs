@@ -119,7 +119,7 @@ impl ContentCache {
             if !known.contains_key(d) {
                 let e = CacheEntry {
                     size: *size,
-                    media_type: None,
+                    media_type: self.sniff_media_type(d, *size),
                     last_access_ms: now_millis(),
                 };
                 self.index.put_cache_entry(d, &e).map_err(index_err)?;
@@ -129,20 +129,40 @@ impl ContentCache {
         Ok(())
     }
 
+    /// The `mediaType` a manifest file declares, for entries rebuilt after
+    /// a crash lost them (a manifest must keep its media type when served).
+    fn sniff_media_type(&self, digest: &Digest, size: u64) -> Option<String> {
+        if size > 4 << 20 {
+            return None;
+        }
+        let bytes = std::fs::read(self.store.path_of(digest)).ok()?;
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+        }
+        serde_json::from_slice::<Head>(&bytes).ok()?.media_type
+    }
+
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
     }
 
     /// A committed file for `digest`, opened (so eviction cannot take it
     /// from under the reader).
-    pub fn hit(&self, digest: &Digest) -> Option<Hit> {
+    /// `with_media_type` reads the recorded media type (manifests need it;
+    /// blob hits skip the index read).
+    pub fn hit(&self, digest: &Digest, with_media_type: bool) -> Option<Hit> {
         let (file, len) = self.store.open_file(digest)?;
-        let media_type = self
-            .index
-            .cache_entry(digest)
-            .ok()
-            .flatten()
-            .and_then(|e| e.media_type);
+        let media_type = if with_media_type {
+            self.index
+                .cache_entry(digest)
+                .ok()
+                .flatten()
+                .and_then(|e| e.media_type)
+        } else {
+            None
+        };
         Some(Hit {
             file: Arc::new(file),
             len,
@@ -178,12 +198,10 @@ impl ContentCache {
             media_type: media_type.map(str::to_string),
             last_access_ms: now_millis(),
         };
-        let existed = self.index.cache_entry(digest).ok().flatten().is_some();
-        if let Err(e) = self.index.put_cache_entry(digest, &e) {
-            tracing::error!(%digest, error = %e, "cannot record a cache entry");
-        }
-        if !existed {
-            metrics::add(&self.metrics.cache_bytes, len);
+        match self.index.put_cache_entry(digest, &e) {
+            Ok(true) => {}
+            Ok(false) => metrics::add(&self.metrics.cache_bytes, len),
+            Err(e) => tracing::error!(%digest, error = %e, "cannot record a cache entry"),
         }
         if self.metrics.cache_bytes.load(Ordering::Relaxed) > self.cfg.max_bytes {
             let me = self.clone();
@@ -299,7 +317,12 @@ impl ContentCache {
                     tracing::debug!(digest = %d, size = e.size, "evicted");
                     removed.push((d, e));
                 }
-                Ok(false) => {}
+                Ok(false) => {
+                    // Already gone (a verify removed it): the entry and its
+                    // bytes must go too, or eviction would chase it forever.
+                    let _ = self.index.remove_cache_entry(&d);
+                    self.sub_bytes(e.size);
+                }
                 Err(err) => tracing::warn!(digest = %d, error = %err, "cannot evict"),
             }
         }

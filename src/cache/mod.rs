@@ -23,7 +23,7 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 pub use body::FileBody;
-pub use content::{now_secs, upkeep, CacheStats, ContentCache, Hit, VerifyReport};
+pub use content::{now_millis, now_secs, upkeep, CacheStats, ContentCache, Hit, VerifyReport};
 pub use fill::{Claim, Fill, FillState, Fills, Lead};
 pub use upload::{Session, SharedSession, Tee, Uploads};
 

@@ -41,10 +41,11 @@ impl Index {
         }
     }
 
-    pub fn put_cache_entry(&self, digest: &Digest, e: &CacheEntry) -> Result<(), IndexError> {
+    /// Records an entry; returns whether one existed (atomically, so two
+    /// commits of one digest count its bytes once).
+    pub fn put_cache_entry(&self, digest: &Digest, e: &CacheEntry) -> Result<bool, IndexError> {
         let v = serde_json::to_vec(e).map_err(corrupt)?;
-        self.cache_entries.insert(digest.as_str(), v)?;
-        Ok(())
+        Ok(self.cache_entries.insert(digest.as_str(), v)?.is_some())
     }
 
     pub fn remove_cache_entry(&self, digest: &Digest) -> Result<(), IndexError> {

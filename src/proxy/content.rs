@@ -41,7 +41,7 @@ pub(crate) async fn by_digest(
         return passthrough::forward(proxy, req, client, outcome).await;
     };
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
-    if let Some(hit) = cache.hit(&digest) {
+    if let Some(hit) = cache.hit(&digest, kind == Kind::Manifest) {
         let decision = proxy
             .access
             .check(kind, &name, &digest, auth.as_ref())
@@ -115,7 +115,7 @@ async fn fetch(
                         "fetching {digest}: {why}"
                     )));
                 }
-                if let Some(hit) = cache.hit(&digest) {
+                if let Some(hit) = cache.hit(&digest, kind == Kind::Manifest) {
                     return Ok(serve_hit(
                         proxy,
                         cache,
@@ -242,7 +242,7 @@ pub(crate) async fn by_tag(
         let fresh = !cfg.tag_ttl.is_zero()
             && now_secs().saturating_sub(rec.checked) < cfg.tag_ttl.as_secs();
         if fresh && proxy.access.fresh_yes(&name, cred) {
-            if let Some(hit) = cache.hit(&rec.digest) {
+            if let Some(hit) = cache.hit(&rec.digest, true) {
                 metrics::inc(&proxy.metrics.auth_remembered);
                 return Ok(serve_hit(
                     proxy,
@@ -267,7 +267,7 @@ pub(crate) async fn by_tag(
         if age >= cfg.max_stale.as_secs() || !proxy.access.stale_yes(&name, cred) {
             return None;
         }
-        let hit = cache.hit(&rec.digest)?;
+        let hit = cache.hit(&rec.digest, true)?;
         tracing::warn!(repo = %name, %tag, digest = %rec.digest, age_secs = age, reason = %why, "upstream unavailable; serving the last known tag digest");
         metrics::inc(&proxy.metrics.tag_stale_served);
         Some(serve_hit(
@@ -325,7 +325,7 @@ pub(crate) async fn by_tag(
             checked: now_secs(),
         },
     );
-    if let Some(hit) = cache.hit(&digest) {
+    if let Some(hit) = cache.hit(&digest, true) {
         return Ok(serve_hit(
             proxy,
             cache,
