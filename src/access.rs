@@ -5,8 +5,10 @@
 //! only when the upstream confirmed R holds the digest — so content cached
 //! through repository A never leaks to B, nor to anonymous clients. A yes is
 //! remembered per (hash of the credentials, repository) for `auth_ttl`, never
-//! the credentials themselves. While the upstream cannot be reached, the
-//! last yes stands for up to `max_stale`; a no (401/403) always stands.
+//! the credentials themselves (the hash is also kept in the index, so the
+//! rule below holds across a restart). While the upstream cannot be
+//! reached, the last yes stands for up to `max_stale`; a no (401/403)
+//! always stands.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -100,7 +102,16 @@ impl AccessCache {
             let keep = self.max_stale.max(self.ttl);
             map.retain(|_, t| t.elapsed() < keep);
         }
-        map.insert((repo.clone(), cred), Instant::now());
+        let previous = map.insert((repo.clone(), cred), Instant::now());
+        drop(map);
+        // Persisted (as a hash, never the credentials) so offline pulls
+        // survive a restart; at most every 30 s per key, to keep index
+        // writes off busy paths.
+        if previous.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            let _ = self
+                .index
+                .remember_access(repo, &cred, crate::cache::now_secs());
+        }
     }
 
     pub fn forget(&self, repo: &RepoName, cred: [u8; 32]) {
@@ -108,6 +119,7 @@ impl AccessCache {
             .lock()
             .expect("access cache poisoned")
             .remove(&(repo.clone(), cred));
+        let _ = self.index.forget_access(repo, &cred);
     }
 
     /// Whether a yes within `auth_ttl` stands (no upstream round trip).
@@ -117,7 +129,13 @@ impl AccessCache {
 
     /// Whether a yes within `max_stale` stands (upstream unreachable).
     pub fn stale_yes(&self, repo: &RepoName, cred: [u8; 32]) -> bool {
-        self.age(repo, cred).is_some_and(|a| a < self.max_stale)
+        if self.age(repo, cred).is_some_and(|a| a < self.max_stale) {
+            return true;
+        }
+        // From before a restart.
+        self.index.access_remembered(repo, &cred).is_some_and(|at| {
+            crate::cache::now_secs().saturating_sub(at) < self.max_stale.as_secs()
+        })
     }
 
     /// May this client read `digest` from `repo`? Asks the upstream (a HEAD

@@ -572,3 +572,30 @@ async fn an_authorization_is_checked_once_per_ttl_not_per_hit() {
     );
     assert_eq!(blob_gets(&registry, "app"), 3);
 }
+
+#[tokio::test]
+async fn offline_pulls_survive_a_graft_restart_for_the_clients_that_were_allowed() {
+    let mut registry =
+        Registry::start_with(RegistryOptions::default().basic_auth("alice", "s3cret"));
+    let direct = Api::for_registry(&registry);
+    let image = TestImage::build(2);
+    direct.push_image("app", "v1", &image).await;
+    let mut graft = Graft::start(&registry);
+    let alice = Api::for_graft(&graft).with_basic_auth("alice", "s3cret");
+    pull_image(&alice, "app", "v1", &image).await;
+
+    graft.restart();
+    registry.stop();
+    // A new client: the old one's pooled connections died with the process.
+    let alice = Api::for_graft(&graft).with_basic_auth("alice", "s3cret");
+    pull_image(&alice, "app", "v1", &image).await;
+    // Nobody vouched for these credentials: nothing cached is served.
+    let mallory = Api::for_graft(&graft).with_basic_auth("alice", "guess");
+    let resp = Api::send(mallory.get(&format!("/v2/app/blobs/{}", image.layers[0].digest))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = resp.bytes().await.expect("body");
+    assert_ne!(body, image.layers[0].data);
+    let anonymous = Api::for_graft(&graft);
+    let resp = Api::send(anonymous.get("/v2/app/manifests/v1")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}

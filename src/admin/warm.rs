@@ -14,8 +14,8 @@
 //! `graft serve` holds the index — which is when warming is of use. While
 //! the upstream is down, graft serves cached content only to credentials
 //! the upstream said yes to for that repository (DESIGN.md, "Security
-//! model"), and remembers those yeses in memory: warm with the credentials
-//! the runners use (none for anonymous pulls), after graft's last restart.
+//! model"), for up to `cache.max_stale` (also across a restart): warm with
+//! the credentials the runners use (none for anonymous pulls).
 
 use std::collections::HashSet;
 use std::fmt;

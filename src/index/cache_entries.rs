@@ -114,6 +114,36 @@ impl Index {
         Ok(())
     }
 
+    /// The upstream said yes to credentials (known by their hash only) on
+    /// `repo` at `at_secs`: kept so that cached pulls keep working offline
+    /// across a restart, within `cache.max_stale`.
+    pub fn remember_access(
+        &self,
+        repo: &RepoName,
+        cred: &[u8; 32],
+        at_secs: u64,
+    ) -> Result<(), IndexError> {
+        self.access.insert(
+            key(&[repo.as_str(), &hex::encode(cred)]),
+            &at_secs.to_be_bytes(),
+        )?;
+        Ok(())
+    }
+
+    pub fn access_remembered(&self, repo: &RepoName, cred: &[u8; 32]) -> Option<u64> {
+        let v = self
+            .access
+            .get(key(&[repo.as_str(), &hex::encode(cred)]))
+            .ok()??;
+        Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))
+    }
+
+    pub fn forget_access(&self, repo: &RepoName, cred: &[u8; 32]) -> Result<(), IndexError> {
+        self.access
+            .remove(key(&[repo.as_str(), &hex::encode(cred)]))?;
+        Ok(())
+    }
+
     /// Tags of `repo` graft knows (for `cache stats`).
     pub fn tag_count(&self, repo: &RepoName) -> usize {
         self.tags.scan_prefix(prefix(&[repo.as_str()])).count()

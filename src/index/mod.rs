@@ -16,6 +16,7 @@
 //! - `cache_entries`: digest → size, media type, last access (the cache)
 //! - `present`: repo ∅ digest → () (the upstream confirmed repo holds it)
 //! - `tags`: repo ∅ tag → last known digest and when it was confirmed
+//! - `access`: repo ∅ sha256(credentials) → when the upstream last said yes
 //! - `meta`: `schema_version`
 //!
 //! Writes that must survive a crash are flushed before they are
@@ -63,6 +64,7 @@ pub struct Index {
     cache_entries: sled::Tree,
     present: sled::Tree,
     tags: sled::Tree,
+    access: sled::Tree,
 }
 
 /// A push of a referrer that was announced but not yet completed.
@@ -153,6 +155,7 @@ impl Index {
             cache_entries: db.open_tree("cache_entries")?,
             present: db.open_tree("present")?,
             tags: db.open_tree("tags")?,
+            access: db.open_tree("access")?,
             db,
         })
     }
