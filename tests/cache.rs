@@ -272,6 +272,15 @@ async fn a_corrupted_or_cut_upstream_body_is_never_cached_nor_ended_cleanly() {
             }
         }
     }
+    let metrics = Api::send(api.get("/metrics"))
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics.contains("graft_cache_fills_failed_total 2\n"),
+        "both bad fetches counted: {metrics}"
+    );
     // Nothing was cached: the next pull fetches again, and gets it right.
     shim.set_fault(Fault::None);
     assert_eq!(api.get_blob("app", &digest).await, data);

@@ -186,10 +186,15 @@ impl ContentCache {
     /// and evict if the budget is exceeded.
     pub fn on_commit(self: &Arc<Self>) -> OnCommit {
         let me = self.clone();
-        Box::new(move |digest: &Digest, len: u64, media_type: Option<&str>| {
-            me.record(digest, len, media_type);
-            metrics::add(&me.metrics.upstream_bytes_fetched, len);
-        })
+        Box::new(
+            move |digest: &Digest, done: Option<(u64, Option<&str>)>| match done {
+                Some((len, media_type)) => {
+                    me.record(digest, len, media_type);
+                    metrics::add(&me.metrics.upstream_bytes_fetched, len);
+                }
+                None => metrics::inc(&me.metrics.cache_fills_failed),
+            },
+        )
     }
 
     fn record(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) {

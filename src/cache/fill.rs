@@ -102,8 +102,9 @@ pub enum Claim {
     Follow(Arc<Fill>),
 }
 
-/// Called once a fill committed: `(digest, len, content type)`.
-pub type OnCommit = Box<dyn FnOnce(&Digest, u64, Option<&str>) + Send>;
+/// Called once a fill ended: `Some((len, content type))` when it committed,
+/// `None` when it was discarded.
+pub type OnCommit = Box<dyn FnOnce(&Digest, Option<(u64, Option<&str>)>) + Send>;
 
 impl Fills {
     /// Leads the fill of `digest`, or follows the one in flight.
@@ -224,11 +225,12 @@ async fn run<B>(
     let digest = lead.fill.digest.clone();
     match result {
         Ok(n) => {
-            on_commit(&digest, n, content_type.as_deref());
+            on_commit(&digest, Some((n, content_type.as_deref())));
             lead.tx.send_replace(FillState::Done { len: n });
         }
         Err(e) => {
             tracing::warn!(%digest, error = %e, "cache fill failed; nothing cached");
+            on_commit(&digest, None);
             lead.tx.send_replace(FillState::Failed(e.to_string()));
         }
     }
