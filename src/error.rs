@@ -54,10 +54,6 @@ impl Error {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
-        self.parts().0
-    }
-
     /// The OCI error response for this error.
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.parts();

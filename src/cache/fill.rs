@@ -56,10 +56,6 @@ pub struct Opened {
 }
 
 impl Fill {
-    pub fn state(&self) -> FillState {
-        self.state.borrow().clone()
-    }
-
     pub fn subscribe(&self) -> watch::Receiver<FillState> {
         self.state.clone()
     }
@@ -132,17 +128,9 @@ impl Fills {
     fn remove(&self, digest: &Digest) {
         self.map.lock().expect("fills poisoned").remove(digest);
     }
-
-    pub fn in_flight(&self) -> usize {
-        self.map.lock().expect("fills poisoned").len()
-    }
 }
 
 impl Lead {
-    pub fn fill(&self) -> &Arc<Fill> {
-        &self.fill
-    }
-
     /// The upstream answered 200 with `body`: write it to the store in a
     /// task of its own and return the fill to read from.
     pub fn start<B>(

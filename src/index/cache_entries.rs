@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{key, prefix, Index, IndexError};
+use super::{key, Index, IndexError};
 use crate::oci::{Digest, RepoName};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,10 +142,5 @@ impl Index {
         self.access
             .remove(key(&[repo.as_str(), &hex::encode(cred)]))?;
         Ok(())
-    }
-
-    /// Tags of `repo` graft knows (for `cache stats`).
-    pub fn tag_count(&self, repo: &RepoName) -> usize {
-        self.tags.scan_prefix(prefix(&[repo.as_str()])).count()
     }
 }

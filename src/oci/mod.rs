@@ -16,5 +16,4 @@ pub use name::{Reference, RepoName};
 pub mod media {
     pub const IMAGE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
     pub const IMAGE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    pub const EMPTY_JSON: &str = "application/vnd.oci.empty.v1+json";
 }
