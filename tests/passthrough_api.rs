@@ -363,6 +363,14 @@ async fn hop_by_hop_headers_are_dropped_in_both_directions_and_the_rest_forwarde
             "Connection forwarded: {connection}"
         );
     }
+    // The upstream is addressed by its own name and told who asked.
+    assert_eq!(
+        forwarded.header_values("host"),
+        [upstream.addr().to_string()]
+    );
+    assert_eq!(forwarded.header_values("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(forwarded.header_values("x-forwarded-proto"), ["http"]);
+    assert_eq!(forwarded.header_values("x-forwarded-host"), [graft.host()]);
 }
 
 #[tokio::test]
