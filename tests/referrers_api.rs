@@ -566,3 +566,39 @@ async fn a_sha512_subject_uses_the_truncated_fallback_tag() {
     assert_eq!(list, vec![expected_descriptor(&sig)]);
     let _ = empty_descriptor();
 }
+
+#[tokio::test]
+async fn a_referrer_deleted_straight_at_the_upstream_is_not_brought_back() {
+    let registry = Registry::start();
+    let graft = Graft::start(&registry);
+    let api = Api::for_graft(&graft);
+    let upstream = Api::for_registry(&registry);
+    let subject = push_subject(&api, "app", "v1").await;
+    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    let sbom = artifact(&subject, Some("application/spdx+json"), None, None);
+    push_referrer(&api, "app", &sig, MANIFEST).await;
+    push_referrer(&api, "app", &sbom, MANIFEST).await;
+
+    // A client bypassing graft deletes the signature, then (as oras-go's
+    // referrers GC does) writes the fallback tag without it, through graft.
+    let resp =
+        Api::send(upstream.delete(&format!("/v2/app/manifests/{}", sha256_digest(&sig)))).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let resp = Api::send(
+        api.request(
+            reqwest::Method::PUT,
+            &format!("/v2/app/manifests/{}", subject.fallback_tag()),
+        )
+        .header("content-type", INDEX)
+        .body(fallback_index(&[expected_descriptor(&sbom)]).to_vec()),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    assert_eq!(
+        upstream_fallback_digests(&upstream, "app", &subject).await,
+        vec![sha256_digest(&sbom)]
+    );
+    let list = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
+    assert_eq!(list, vec![expected_descriptor(&sbom)]);
+}

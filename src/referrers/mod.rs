@@ -507,9 +507,21 @@ impl Referrers {
         };
         for s in subjects {
             let known = self.index.referrers(repo, &s)?;
-            let lacks = known
+            let mut lacks = false;
+            for k in known
                 .iter()
-                .any(|k| !index.manifests.iter().any(|m| m.digest == k.digest));
+                .filter(|k| !index.manifests.iter().any(|m| m.digest == k.digest))
+            {
+                // The client may have left it out because it is gone (deleted
+                // straight at the upstream): only a referrer that still
+                // exists is a lost race to repair.
+                if self.manifest_gone(repo, &k.digest, auth).await {
+                    tracing::info!(%repo, subject = %s, referrer = %k.digest, "referrer deleted upstream; dropped from the index");
+                    self.index.remove_referrer(repo, &k.digest)?;
+                } else {
+                    lacks = true;
+                }
+            }
             if lacks && self.writes_tags() {
                 tracing::info!(%repo, subject = %s, "client's fallback tag lacks known referrers; pushing the merged index");
                 self.index.owe_tag_write(repo, &s)?;
@@ -518,6 +530,22 @@ impl Referrers {
             }
         }
         Ok(())
+    }
+
+    /// Whether the upstream says the manifest no longer exists (404); any
+    /// other answer, or none, keeps it.
+    async fn manifest_gone(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> bool {
+        let path = format!("/v2/{repo}/manifests/{digest}");
+        let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
+        matches!(
+            self.upstream.call(Method::HEAD, &path, auth, &accept, Bytes::new()).await,
+            Ok(r) if r.status() == StatusCode::NOT_FOUND
+        )
     }
 
     /// Serializes client writes of the fallback tag `tag` with graft's own.
