@@ -208,3 +208,76 @@ async fn a_crash_between_the_upstream_accept_and_the_tag_write_loses_nothing() {
         graft.log_text()
     );
 }
+
+#[tokio::test]
+async fn a_crash_between_the_upstream_delete_and_the_tag_rewrite_leaves_no_ghost() {
+    let registry = Registry::start();
+    let upstream = Api::for_registry(&registry);
+    let work = tempfile::tempdir().expect("work dir");
+
+    // Index a referrer through a healthy graft first.
+    let graft = ServeProcess::start(&registry, work.path(), None).await;
+    let api = Api::new(&graft.url());
+    let subject = push_subject(&api, "app", "v1").await;
+    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    let digest = sha256_digest(&sig);
+    api.push_manifest("app", &digest, MANIFEST, sig.clone())
+        .await;
+    assert_eq!(
+        upstream_fallback_digests(&upstream, "app", &subject).await,
+        vec![digest.clone()]
+    );
+    drop(graft);
+
+    // Then delete it through a graft that dies right after the upstream's 202.
+    let mut doomed =
+        ServeProcess::start(&registry, work.path(), Some("after-upstream-delete")).await;
+    let api = Api::new(&doomed.url());
+    let delete = api
+        .delete(&format!("/v2/app/manifests/{digest}"))
+        .send()
+        .await;
+    assert!(
+        delete.is_err(),
+        "the delete was answered although graft died: {delete:?}"
+    );
+    assert!(doomed.wait_aborted(Duration::from_secs(10)));
+    drop(doomed);
+    let gone = Api::send(
+        upstream
+            .get(&format!("/v2/app/manifests/{digest}"))
+            .header("accept", MANIFEST),
+    )
+    .await;
+    assert_eq!(
+        gone.status(),
+        StatusCode::NOT_FOUND,
+        "the upstream deleted it"
+    );
+    assert_eq!(
+        upstream_fallback_digests(&upstream, "app", &subject).await,
+        vec![digest.clone()],
+        "the tag was rewritten before the crash"
+    );
+
+    // After a restart graft finishes the delete: tag and API agree.
+    let graft = ServeProcess::start(&registry, work.path(), None).await;
+    let api = Api::new(&graft.url());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !upstream_fallback_digests(&upstream, "app", &subject)
+        .await
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the fallback tag still lists the deleted referrer:\n{}",
+            graft.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        referrer_list(referrers(&api, "app", &subject.digest, "").await)
+            .await
+            .is_empty()
+    );
+}

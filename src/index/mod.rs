@@ -13,6 +13,8 @@
 //! - `intents`: repo ∅ subject ∅ referrer → descriptor JSON, written before
 //!   a subject push is forwarded, removed once index and tag are written
 //! - `tag_writes`: repo ∅ subject → () (a fallback-tag write is owed)
+//! - `delete_intents`: repo ∅ referrer → (), written before a `DELETE` of
+//!   an indexed referrer is forwarded, removed once the index follows
 //! - `cache_entries`: digest → size, media type, last access (the cache)
 //! - `present`: repo ∅ digest → () (the upstream confirmed repo holds it)
 //! - `tags`: repo ∅ tag → last known digest and when it was confirmed
@@ -65,6 +67,7 @@ pub struct Index {
     present: sled::Tree,
     tags: sled::Tree,
     access: sled::Tree,
+    delete_intents: sled::Tree,
 }
 
 /// A push of a referrer that was announced but not yet completed.
@@ -156,6 +159,7 @@ impl Index {
             present: db.open_tree("present")?,
             tags: db.open_tree("tags")?,
             access: db.open_tree("access")?,
+            delete_intents: db.open_tree("delete_intents")?,
             db,
         })
     }
@@ -361,6 +365,37 @@ impl Index {
                 descriptor: serde_json::from_slice(&v)
                     .map_err(|e| IndexError::Corrupt(e.to_string()))?,
             });
+        }
+        Ok(out)
+    }
+
+    /// Records that a `DELETE` of the referrer `digest` is about to be
+    /// forwarded.
+    pub fn add_delete_intent(&self, repo: &RepoName, digest: &Digest) -> Result<(), IndexError> {
+        self.delete_intents
+            .insert(key(&[repo.as_str(), digest.as_str()]), &[])?;
+        Ok(())
+    }
+
+    pub fn remove_delete_intent(&self, repo: &RepoName, digest: &Digest) -> Result<(), IndexError> {
+        self.delete_intents
+            .remove(key(&[repo.as_str(), digest.as_str()]))?;
+        Ok(())
+    }
+
+    pub fn delete_intents(&self) -> Result<Vec<(RepoName, Digest)>, IndexError> {
+        let mut out = Vec::new();
+        for k in self.delete_intents.iter().keys() {
+            let parts = split(&k?)?;
+            let (Some(repo), Some(digest)) = (parts.first(), parts.get(1)) else {
+                return Err(IndexError::Corrupt("delete_intents key".into()));
+            };
+            out.push((
+                RepoName::parse(repo).map_err(|e| IndexError::Corrupt(e.to_string()))?,
+                digest
+                    .parse()
+                    .map_err(|_| IndexError::Corrupt("delete_intents digest".into()))?,
+            ));
         }
         Ok(out)
     }

@@ -28,14 +28,24 @@ pub(crate) async fn handle(
         (Method::PUT, reference) => put(proxy, name, reference, req, client, outcome).await,
         (Method::DELETE, Reference::Digest(digest)) => {
             let auth = req.headers().get(header::AUTHORIZATION).cloned();
-            let resp = passthrough::forward(proxy, req, client, outcome).await?;
-            if resp.status().is_success() {
-                let _ = proxy.referrers.index().forget_present(&name, &digest);
-                proxy
-                    .referrers
-                    .after_delete(&name, &digest, auth.as_ref())
-                    .await?;
+            let referrers = &proxy.referrers;
+            referrers.before_delete(&name, &digest).await?;
+            let resp = match passthrough::forward(proxy, req, client, outcome).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Unknown whether the upstream deleted it: the intent
+                    // stays for recovery to settle.
+                    referrers.push_unresolved(&name, &digest);
+                    return Err(e);
+                }
+            };
+            let accepted = resp.status().is_success();
+            if accepted {
+                let _ = referrers.index().forget_present(&name, &digest);
             }
+            referrers
+                .after_delete(&name, &digest, accepted, auth.as_ref())
+                .await?;
             Ok(resp)
         }
         (Method::GET | Method::HEAD, Reference::Digest(d)) => {

@@ -263,9 +263,46 @@ impl Referrers {
         Ok(())
     }
 
-    /// After the upstream accepted a `DELETE` of `digest`: it no longer
-    /// refers to anything, and the fallback tags that listed it are rewritten.
+    /// Before a `DELETE` of `digest` is forwarded: when it is an indexed
+    /// referrer, record the intent durably, so a crash after the upstream
+    /// deleted it cannot leave it listed.
+    pub async fn before_delete(&self, repo: &RepoName, digest: &Digest) -> Result<(), Error> {
+        if self.index.subjects_of(repo, digest)?.is_empty() {
+            return Ok(());
+        }
+        self.in_flight
+            .lock()
+            .expect("in-flight set poisoned")
+            .insert((repo.clone(), digest.clone()));
+        self.index.add_delete_intent(repo, digest)?;
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    /// After the upstream answered a `DELETE` of `digest` (`accepted` when
+    /// it deleted it): it no longer refers to anything, and the fallback
+    /// tags that listed it are rewritten.
     pub async fn after_delete(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        accepted: bool,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let done = if accepted {
+            crate::failpoint::hit("after-upstream-delete");
+            self.forget_deleted(repo, digest, auth).await
+        } else {
+            Ok(())
+        };
+        let cleared = self.index.remove_delete_intent(repo, digest);
+        self.push_unresolved(repo, digest);
+        done?;
+        cleared?;
+        Ok(())
+    }
+
+    async fn forget_deleted(
         &self,
         repo: &RepoName,
         digest: &Digest,
@@ -330,6 +367,37 @@ impl Referrers {
                 Err(e) => tracing::warn!(error = %e, "cannot check an interrupted push yet"),
             }
         }
+        for (repo, digest) in self.index.delete_intents()? {
+            let key = (repo.clone(), digest.clone());
+            if self
+                .in_flight
+                .lock()
+                .expect("in-flight set poisoned")
+                .contains(&key)
+            {
+                continue;
+            }
+            let path = format!("/v2/{repo}/manifests/{digest}");
+            let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
+            match self
+                .upstream
+                .call(Method::HEAD, &path, auth.as_ref(), &accept, Bytes::new())
+                .await
+            {
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                    tracing::info!(%repo, referrer = %digest, "finishing a referrer delete the upstream did before a restart");
+                    self.after_delete(&repo, &digest, true, auth.as_ref())
+                        .await?;
+                }
+                Ok(r) if r.status().is_success() => {
+                    self.index.remove_delete_intent(&repo, &digest)?
+                }
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), %repo, "cannot check an interrupted delete yet")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot check an interrupted delete yet"),
+            }
+        }
         if self.writes_tags() {
             for (repo, subject) in self.index.owed_tag_writes()? {
                 self.write_tag(&repo, &subject, auth.as_ref()).await;
@@ -337,6 +405,7 @@ impl Referrers {
         }
         self.index.flush().await?;
         let owed = self.index.intents()?.len()
+            + self.index.delete_intents()?.len()
             + if self.writes_tags() {
                 self.index.owed_tag_writes()?.len()
             } else {
