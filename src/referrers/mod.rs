@@ -205,10 +205,7 @@ impl Referrers {
         subject: &Digest,
         d: &Descriptor,
     ) -> Result<(), Error> {
-        self.in_flight
-            .lock()
-            .expect("in-flight set poisoned")
-            .insert((repo.clone(), d.digest.clone()));
+        self.mark_in_flight(repo, &d.digest);
         self.index.add_intent(repo, subject, d)?;
         self.index.flush().await?;
         Ok(())
@@ -270,10 +267,7 @@ impl Referrers {
         if self.index.subjects_of(repo, digest)?.is_empty() {
             return Ok(());
         }
-        self.in_flight
-            .lock()
-            .expect("in-flight set poisoned")
-            .insert((repo.clone(), digest.clone()));
+        self.mark_in_flight(repo, digest);
         self.index.add_delete_intent(repo, digest)?;
         self.index.flush().await?;
         Ok(())
@@ -333,67 +327,46 @@ impl Referrers {
     pub async fn recover(&self) -> Result<usize, Error> {
         let auth = self.own_auth.clone();
         for intent in self.index.intents()? {
-            let key = (intent.repo.clone(), intent.descriptor.digest.clone());
-            if self
-                .in_flight
-                .lock()
-                .expect("in-flight set poisoned")
-                .contains(&key)
-            {
+            if self.is_in_flight(&intent.repo, &intent.descriptor.digest) {
                 continue;
             }
-            let path = format!("/v2/{}/manifests/{}", intent.repo, intent.descriptor.digest);
-            let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
             match self
-                .upstream
-                .call(Method::HEAD, &path, auth.as_ref(), &accept, Bytes::new())
+                .head_manifest(&intent.repo, &intent.descriptor.digest, auth.as_ref())
                 .await
             {
-                Ok(r) if r.status().is_success() => {
+                Ok(status) if status.is_success() => {
                     tracing::info!(repo = %intent.repo, subject = %intent.subject, referrer = %intent.descriptor.digest, "recovering a referrer the upstream accepted before a restart");
                     self.record(&intent.repo, &intent.subject, &intent.descriptor)
                         .await?;
                 }
-                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                Ok(StatusCode::NOT_FOUND) => {
                     self.index.remove_intent(
                         &intent.repo,
                         &intent.subject,
                         &intent.descriptor.digest,
                     )?;
                 }
-                Ok(r) => {
-                    tracing::warn!(status = %r.status(), repo = %intent.repo, "cannot check an interrupted push yet")
+                Ok(status) => {
+                    tracing::warn!(%status, repo = %intent.repo, "cannot check an interrupted push yet")
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot check an interrupted push yet"),
             }
         }
         for (repo, digest) in self.index.delete_intents()? {
-            let key = (repo.clone(), digest.clone());
-            if self
-                .in_flight
-                .lock()
-                .expect("in-flight set poisoned")
-                .contains(&key)
-            {
+            if self.is_in_flight(&repo, &digest) {
                 continue;
             }
-            let path = format!("/v2/{repo}/manifests/{digest}");
-            let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
-            match self
-                .upstream
-                .call(Method::HEAD, &path, auth.as_ref(), &accept, Bytes::new())
-                .await
-            {
-                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+            match self.head_manifest(&repo, &digest, auth.as_ref()).await {
+                Ok(StatusCode::NOT_FOUND) => {
                     tracing::info!(%repo, referrer = %digest, "finishing a referrer delete the upstream did before a restart");
                     self.after_delete(&repo, &digest, true, auth.as_ref())
                         .await?;
                 }
-                Ok(r) if r.status().is_success() => {
+                Ok(status) if status.is_success() => {
                     self.index.remove_delete_intent(&repo, &digest)?
                 }
-                Ok(r) => {
-                    tracing::warn!(status = %r.status(), %repo, "cannot check an interrupted delete yet")
+                Ok(status) => {
+                    tracing::warn!(%status, %repo, "cannot check an interrupted delete yet")
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot check an interrupted delete yet"),
             }
@@ -609,12 +582,41 @@ impl Referrers {
         digest: &Digest,
         auth: Option<&HeaderValue>,
     ) -> bool {
+        matches!(
+            self.head_manifest(repo, digest, auth).await,
+            Ok(StatusCode::NOT_FOUND)
+        )
+    }
+
+    /// The upstream's status for a HEAD of a manifest by digest.
+    async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<StatusCode, crate::upstream::UpstreamError> {
         let path = format!("/v2/{repo}/manifests/{digest}");
         let accept = [(header::ACCEPT, ACCEPT_MANIFESTS)];
-        matches!(
-            self.upstream.call(Method::HEAD, &path, auth, &accept, Bytes::new()).await,
-            Ok(r) if r.status() == StatusCode::NOT_FOUND
-        )
+        let resp = self
+            .upstream
+            .call(Method::HEAD, &path, auth, &accept, Bytes::new())
+            .await?;
+        Ok(resp.status())
+    }
+
+    fn mark_in_flight(&self, repo: &RepoName, digest: &Digest) {
+        self.in_flight
+            .lock()
+            .expect("in-flight set poisoned")
+            .insert((repo.clone(), digest.clone()));
+    }
+
+    /// Whether a push or delete of `digest` is being forwarded right now.
+    fn is_in_flight(&self, repo: &RepoName, digest: &Digest) -> bool {
+        self.in_flight
+            .lock()
+            .expect("in-flight set poisoned")
+            .contains(&(repo.clone(), digest.clone()))
     }
 
     /// Serializes client writes of the fallback tag `tag` with graft's own.
