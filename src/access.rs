@@ -18,11 +18,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 
+use crate::credentials::{CredKey, CredentialKeys};
 use crate::error::Error;
 use crate::index::Index;
 use crate::metrics::{self, Metrics};
 use crate::oci::{Digest, RepoName};
-use crate::referrers::fallback::credentials_key;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// The upstream's answer for this client, or what stands in for it.
@@ -52,12 +52,13 @@ impl Kind {
     }
 }
 
-type Key = (RepoName, [u8; 32]);
+type Key = (RepoName, CredKey);
 
 pub struct AccessCache {
     upstream: Upstream,
     index: Index,
     metrics: Arc<Metrics>,
+    keys: CredentialKeys,
     ttl: Duration,
     max_stale: Duration,
     yes: Mutex<HashMap<Key, Instant>>,
@@ -73,6 +74,7 @@ impl AccessCache {
         upstream: Upstream,
         index: Index,
         metrics: Arc<Metrics>,
+        keys: CredentialKeys,
         ttl: Duration,
         max_stale: Duration,
     ) -> AccessCache {
@@ -80,14 +82,20 @@ impl AccessCache {
             upstream,
             index,
             metrics,
+            keys,
             ttl,
             max_stale,
             yes: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The key these credentials are remembered under.
+    pub fn key(&self, auth: Option<&HeaderValue>) -> CredKey {
+        self.keys.key(auth)
+    }
+
     /// Age of the last yes for these credentials on `repo`.
-    fn age(&self, repo: &RepoName, cred: [u8; 32]) -> Option<Duration> {
+    fn age(&self, repo: &RepoName, cred: CredKey) -> Option<Duration> {
         self.yes
             .lock()
             .expect("access cache poisoned")
@@ -95,7 +103,7 @@ impl AccessCache {
             .map(Instant::elapsed)
     }
 
-    pub fn remember_yes(&self, repo: &RepoName, cred: [u8; 32]) {
+    pub fn remember_yes(&self, repo: &RepoName, cred: CredKey) {
         let mut map = self.yes.lock().expect("access cache poisoned");
         // Bounded: drop expired yeses when the map grows large.
         if map.len() > 65_536 {
@@ -114,7 +122,7 @@ impl AccessCache {
         }
     }
 
-    pub fn forget(&self, repo: &RepoName, cred: [u8; 32]) {
+    pub fn forget(&self, repo: &RepoName, cred: CredKey) {
         self.yes
             .lock()
             .expect("access cache poisoned")
@@ -123,12 +131,12 @@ impl AccessCache {
     }
 
     /// Whether a yes within `auth_ttl` stands (no upstream round trip).
-    pub fn fresh_yes(&self, repo: &RepoName, cred: [u8; 32]) -> bool {
+    pub fn fresh_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
         self.age(repo, cred).is_some_and(|a| a < self.ttl)
     }
 
     /// Whether a yes within `max_stale` stands (upstream unreachable).
-    pub fn stale_yes(&self, repo: &RepoName, cred: [u8; 32]) -> bool {
+    pub fn stale_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
         if self.age(repo, cred).is_some_and(|a| a < self.max_stale) {
             return true;
         }
@@ -149,7 +157,7 @@ impl AccessCache {
         auth: Option<&HeaderValue>,
     ) -> Decision {
         let (upstream, index, metrics) = (&self.upstream, &self.index, &*self.metrics);
-        let cred = credentials_key(auth);
+        let cred = self.key(auth);
         let present = index.is_present(repo, digest).unwrap_or(false);
         if present && self.fresh_yes(repo, cred) {
             metrics::inc(&metrics.auth_remembered);

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::clock::Clock;
+
 /// Everything `graft serve` needs, after defaults, file and overrides.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -17,6 +19,9 @@ pub struct Config {
     pub log: LogConfig,
     pub referrers: ReferrersConfig,
     pub cache: CacheConfig,
+    /// Not a key: the time source for everything that expires. Tests give a
+    /// [`Clock::skewable`] one to test expiry without sleeping.
+    pub clock: Clock,
 }
 
 #[derive(Clone, Debug)]
@@ -157,6 +162,7 @@ impl Default for Config {
                 max_stale: Duration::from_secs(24 * 3600),
                 auth_ttl: Duration::from_secs(60),
             },
+            clock: Clock::system(),
         }
     }
 }

@@ -1,15 +1,30 @@
 //! The one place errors become OCI error responses.
 //!
-//! Every layer has its own error type; each converts into [`Error`] here,
-//! and [`Error::into_response`] writes the
-//! `{"errors":[{"code","message","detail"}]}` body with the right status.
-//! The cause is logged where it is converted; the client sees a clean code.
+//! Every layer has its own error type; each converts into [`Error`] here.
+//! Each variant knows who caused it ([`Blame`], pingora's idea): the client
+//! (4xx, with a message about its own input), the upstream (502/504, or the
+//! upstream's own status when it refused a request graft made), or graft
+//! itself (500). The cause is logged where it is converted, with the
+//! request id; a client never sees a file path, a sled message or a Rust
+//! error string — only a generic message and the id to quote.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
 use crate::oci::ErrorCode;
+
+/// Who caused an error: decides 4xx vs 502/504 vs 500, and how loudly it
+/// is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The request was bad: the client can fix it.
+    Client,
+    /// The registry graft fronts failed or refused.
+    Upstream,
+    /// graft itself failed (a bug, the disk, the index).
+    Internal,
+}
 
 /// An error graft itself answers with (never a passed-through upstream answer).
 #[derive(Debug, thiserror::Error)]
@@ -28,15 +43,44 @@ pub enum Error {
     BadRequest(String),
     #[error("not found")]
     NotFound,
+    /// graft is at its configured request or connection cap.
+    #[error("graft is at capacity; retry shortly")]
+    Overloaded,
     #[error("upstream registry unreachable: {0}")]
     UpstreamUnreachable(String),
     #[error("upstream registry did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    /// The upstream answered a request graft made on its own account (a
+    /// fallback-tag read or write, a referrer check) with this status.
+    #[error("upstream registry answered {status} to {what}")]
+    UpstreamRefused { status: StatusCode, what: String },
+    /// The upstream sent something graft cannot use (an oversized or cut
+    /// body, a malformed index).
+    #[error("upstream registry sent an unusable answer: {0}")]
+    UpstreamInvalid(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl Error {
+    /// Who caused this error.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Error::NameInvalid(_)
+            | Error::DigestInvalid(_)
+            | Error::ReferenceInvalid(_)
+            | Error::ManifestInvalid(_)
+            | Error::ManifestTooLarge { .. }
+            | Error::BadRequest(_)
+            | Error::NotFound => Blame::Client,
+            Error::UpstreamUnreachable(_)
+            | Error::UpstreamTimeout(_)
+            | Error::UpstreamRefused { .. }
+            | Error::UpstreamInvalid(_) => Blame::Upstream,
+            Error::Overloaded | Error::Internal(_) => Blame::Internal,
+        }
+    }
+
     fn parts(&self) -> (StatusCode, ErrorCode) {
         match self {
             Error::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
@@ -48,23 +92,60 @@ impl Error {
             }
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             Error::NotFound => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
-            Error::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+            Error::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            Error::UpstreamUnreachable(_) | Error::UpstreamInvalid(_) => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
+            }
             Error::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+            // The upstream's own no is passed on as a no; anything else it
+            // refused is a bad gateway, not graft's 500.
+            Error::UpstreamRefused { status, .. } => match *status {
+                StatusCode::UNAUTHORIZED => (*status, ErrorCode::Unauthorized),
+                StatusCode::FORBIDDEN => (*status, ErrorCode::Denied),
+                StatusCode::TOO_MANY_REQUESTS => (*status, ErrorCode::TooManyRequests),
+                _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+            },
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
         }
     }
 
-    /// The OCI error response for this error.
+    /// What the client is told. Its own mistakes are described to it; the
+    /// upstream's and graft's troubles get a fixed sentence, the details
+    /// staying in the log line that carries the same request id.
+    fn public_message(&self) -> String {
+        match self {
+            Error::UpstreamUnreachable(_) => "upstream registry unreachable".into(),
+            Error::UpstreamTimeout(d) => format!("upstream registry did not answer within {d:?}"),
+            Error::UpstreamRefused { status, .. } => {
+                format!("upstream registry answered {}", status.as_u16())
+            }
+            Error::UpstreamInvalid(_) => "upstream registry sent an unusable answer".into(),
+            Error::Internal(_) => "internal error".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The OCI error response for this error, logged here with the request
+    /// id (the one place errors meet clients).
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.parts();
-        match &self {
-            Error::Internal(_) => tracing::error!(error = %self, "internal error"),
-            Error::UpstreamUnreachable(_) | Error::UpstreamTimeout(_) => {
-                tracing::warn!(error = %self, "upstream failure")
+        let request_id = crate::request_id::current();
+        match self.blame() {
+            Blame::Internal => {
+                tracing::error!(error = %self, request_id = request_id.as_deref(), "internal error")
             }
-            _ => tracing::debug!(error = %self, "request refused"),
+            Blame::Upstream => {
+                tracing::warn!(error = %self, request_id = request_id.as_deref(), "upstream failure")
+            }
+            Blame::Client => {
+                tracing::debug!(error = %self, request_id = request_id.as_deref(), "request refused")
+            }
         }
-        oci_error(status, code, &self.to_string(), serde_json::Value::Null)
+        let detail = match (self.blame(), request_id) {
+            (Blame::Client, _) | (_, None) => serde_json::Value::Null,
+            (_, Some(id)) => serde_json::json!({ "request_id": id }),
+        };
+        oci_error(status, code, &self.public_message(), detail)
     }
 }
 
@@ -97,5 +178,59 @@ impl From<crate::oci::digest::InvalidDigest> for Error {
 impl From<crate::oci::name::InvalidName> for Error {
     fn from(e: crate::oci::name::InvalidName) -> Self {
         Error::NameInvalid(e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_of(e: Error) -> (StatusCode, serde_json::Value) {
+        let resp = crate::request_id::scope("req-1".into(), async { e.into_response() }).await;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, serde_json::from_slice(&bytes).expect("json"))
+    }
+
+    #[tokio::test]
+    async fn internal_errors_name_the_request_but_not_their_cause() {
+        let (status, json) =
+            body_of(Error::Internal("sled: /var/lib/graft/index/db: EIO".into())).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let text = json.to_string();
+        assert!(
+            !text.contains("sled") && !text.contains("/var/lib"),
+            "{text}"
+        );
+        assert_eq!(json["errors"][0]["detail"]["request_id"], "req-1");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_no_to_graft_s_own_write_is_the_upstream_s_answer() {
+        let e = Error::UpstreamRefused {
+            status: StatusCode::FORBIDDEN,
+            what: "the fallback tag PUT".into(),
+        };
+        assert_eq!(e.blame(), Blame::Upstream);
+        let (status, json) = body_of(e).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(json["errors"][0]["code"], "DENIED");
+        let (status, _) = body_of(Error::UpstreamRefused {
+            status: StatusCode::BAD_REQUEST,
+            what: "x".into(),
+        })
+        .await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn client_errors_describe_the_input() {
+        let (status, json) = body_of(Error::DigestInvalid("sha256:zz".into())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(json["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("sha256:zz")));
+        assert!(json["errors"][0]["detail"].is_null());
     }
 }

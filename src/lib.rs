@@ -19,6 +19,12 @@
 //! - [`cache`]: the content-addressed store, coalesced fills, eviction; the
 //!   only code that writes cache files.
 //! - [`access`]: who may read cached content (the upstream decides).
+//! - [`credentials`]: the HMAC key under which a client's credentials are
+//!   remembered (never the credentials).
+//! - [`clock`]: wall-clock time for everything that expires; skewable in
+//!   tests.
+//! - [`request_id`]: the id of the request being handled, for errors and
+//!   logs.
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`failpoint`]: crash points for the kill tests (feature `failpoints`).
 //! - [`upstream`]: the pooled client to the registry, header hygiene and URL
@@ -32,7 +38,9 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod failpoint;
 pub mod index;
@@ -40,6 +48,7 @@ pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod referrers;
+pub mod request_id;
 pub mod route;
 pub mod server;
 pub mod upstream;

@@ -24,6 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::next_link;
 use crate::config::Config;
+use crate::credentials::CredentialKeys;
 use crate::index::{Index, IndexError};
 use crate::oci::RepoName;
 use crate::referrers::{is_fallback_tag, Access, Referrers};
@@ -120,6 +121,8 @@ pub async fn run(
         upstream.clone(),
         config.referrers.clone(),
         auth.clone(),
+        CredentialKeys::load_or_create(&config.storage.data_dir)
+            .map_err(|e| ReindexError::Upstream(format!("credentials secret: {e}")))?,
     );
     let walked = walk(&referrers, &upstream, auth.as_ref(), repos, progress).await;
     // Also on errors: the bar's ticker must stop before the error is shown.

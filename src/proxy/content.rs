@@ -20,7 +20,6 @@ use crate::error::{oci_error, Error};
 use crate::index::TagRecord;
 use crate::metrics;
 use crate::oci::{Digest, ErrorCode, RepoName};
-use crate::referrers::fallback::credentials_key;
 use crate::upstream::ClientSide;
 
 /// Redirects graft follows itself when fetching content to cache (object
@@ -85,7 +84,7 @@ async fn fetch(
         .as_ref()
         .expect("fetch is reached only with a cache");
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
-    let cred = credentials_key(auth.as_ref());
+    let cred = proxy.access.key(auth.as_ref());
     loop {
         let lead = match cache.claim(&digest, name.as_str(), cred) {
             Claim::Lead(lead) => lead,
@@ -232,7 +231,7 @@ pub(crate) async fn by_tag(
     };
     let index = proxy.referrers.index();
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
-    let cred = credentials_key(auth.as_ref());
+    let cred = proxy.access.key(auth.as_ref());
     let known = index.tag(&name, &tag).ok().flatten();
     let cfg = cache.config();
     let want = Want::of(&req);

@@ -22,6 +22,7 @@ use crate::access::{AccessCache, Kind};
 use crate::body::{self, Body, Counted, OnDone};
 use crate::cache::ContentCache;
 use crate::config::Config;
+use crate::credentials::CredentialKeys;
 use crate::error::Error;
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -51,12 +52,16 @@ impl Proxy {
     /// Opens the index under the data directory and connects the upstream.
     pub fn new(config: Config) -> Result<Proxy, Error> {
         let upstream = Upstream::new(&config.upstream)?;
+        let keys = CredentialKeys::load_or_create(&config.storage.data_dir).map_err(|e| {
+            Error::Internal(format!("credentials secret in the data directory: {e}"))
+        })?;
         let index = Index::open(&config.storage.data_dir.join("index"))?;
         let referrers = Referrers::new(
             index.clone(),
             upstream.clone(),
             config.referrers.clone(),
             own_credentials(&config.upstream),
+            keys.clone(),
         );
         let metrics = Arc::new(Metrics::default());
         let cache = if config.cache.enabled {
@@ -74,6 +79,7 @@ impl Proxy {
                 upstream.clone(),
                 index,
                 metrics.clone(),
+                keys,
                 config.cache.auth_ttl,
                 config.cache.max_stale,
             ),

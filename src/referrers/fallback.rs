@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
-use sha2::{Digest as _, Sha256};
 
 use super::{Referrers, READ_LIMIT};
 use crate::error::Error;
@@ -44,15 +43,7 @@ pub struct RecentChecks {
 }
 
 /// (repository, subject, hash of the credentials)
-type CheckKey = (RepoName, Digest, [u8; 32]);
-
-pub fn credentials_key(auth: Option<&HeaderValue>) -> [u8; 32] {
-    let mut h = Sha256::new();
-    if let Some(a) = auth {
-        h.update(a.as_bytes());
-    }
-    h.finalize().into()
-}
+type CheckKey = (RepoName, Digest, crate::credentials::CredKey);
 
 const ACCEPT_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
@@ -64,7 +55,7 @@ pub(super) async fn read(
     use_seen: bool,
 ) -> Result<Access<Option<TagRead>>, Error> {
     let ttl = r.cfg.tag_ttl;
-    let check_key = (repo.clone(), subject.clone(), credentials_key(auth));
+    let check_key = (repo.clone(), subject.clone(), r.keys.key(auth));
     if use_seen && !ttl.is_zero() {
         let seen = r.recent.seen.lock().expect("recent checks poisoned");
         if seen.get(&check_key).is_some_and(|t| t.elapsed() < ttl) {

@@ -20,6 +20,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 use crate::config::{FallbackTag, ReferrersConfig, ReferrersMode};
+use crate::credentials::CredentialKeys;
 use crate::error::Error;
 use crate::index::Index;
 use crate::oci::{media, Descriptor, Digest, ManifestFields, RepoName};
@@ -63,6 +64,8 @@ pub struct Referrers {
     /// Graft's own credentials, for work no client is waiting on (finishing
     /// owed tag writes after a restart, reindexing).
     own_auth: Option<HeaderValue>,
+    /// Keys the recent-checks memory by credentials without keeping them.
+    keys: CredentialKeys,
     native: AtomicU8,
     writer: writer::TagWriter,
     recent: fallback::RecentChecks,
@@ -122,6 +125,7 @@ impl Referrers {
         upstream: Upstream,
         cfg: ReferrersConfig,
         own_auth: Option<HeaderValue>,
+        keys: CredentialKeys,
     ) -> Arc<Referrers> {
         let native = match cfg.mode {
             ReferrersMode::Auto => NATIVE_UNKNOWN,
@@ -133,6 +137,7 @@ impl Referrers {
             upstream,
             cfg,
             own_auth,
+            keys,
             native: AtomicU8::new(native),
             writer: writer::TagWriter::default(),
             recent: fallback::RecentChecks::default(),
