@@ -192,7 +192,7 @@ impl AccessCache {
             ))),
             Ok(resp) => {
                 let status = resp.status();
-                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                if crate::upstream::is_denial(status) {
                     self.forget(repo, cred);
                 }
                 if status == StatusCode::NOT_FOUND {

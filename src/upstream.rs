@@ -104,6 +104,12 @@ impl Upstream {
         &self.origin
     }
 
+    /// Whether `url` (absolute) points at the upstream itself, so that the
+    /// client's credentials may follow it.
+    pub fn is_own_url(&self, url: &str) -> bool {
+        strip_origin(url, &self.origin).is_some()
+    }
+
     /// The upstream URI for a client's path and query.
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, Error> {
         format!("{}{path_and_query}", self.origin)
@@ -316,14 +322,27 @@ fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
 /// Points an absolute URL on the upstream back at graft; other hosts (blob
 /// storage redirects) and relative URLs stay as they are.
 fn rewrite_url(url: &str, upstream_origin: &str, client_origin: &str) -> Option<String> {
-    let n = upstream_origin.len();
-    if url.len() >= n && url.as_bytes()[..n].eq_ignore_ascii_case(upstream_origin.as_bytes()) {
-        let rest = &url[n..];
-        if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
-            return Some(format!("{client_origin}{rest}"));
-        }
+    strip_origin(url, upstream_origin).map(|rest| format!("{client_origin}{rest}"))
+}
+
+/// The path and query of `url` when it is on `origin` (scheme and host
+/// compared case-insensitively, as RFC 3986 §6.2.2.1 says); `None` for
+/// another origin, including one that merely shares a prefix
+/// (`:5000` vs `:50001`).
+fn strip_origin<'a>(url: &'a str, origin: &str) -> Option<&'a str> {
+    let n = origin.len();
+    let head = url.as_bytes().get(..n)?;
+    if !head.eq_ignore_ascii_case(origin.as_bytes()) {
+        return None;
     }
-    None
+    let rest = &url[n..];
+    (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')).then_some(rest)
+}
+
+/// The upstream's "no" to the credentials it was given (as opposed to an
+/// outage, or "not here").
+pub fn is_denial(status: http::StatusCode) -> bool {
+    status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN
 }
 
 /// Rewrites every `<url>` in a `Link` header value.

@@ -14,11 +14,10 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::next_link;
 use crate::config::Config;
-use crate::oci::{Descriptor, Digest, ImageIndex, RepoName};
+use crate::oci::{query, Descriptor, Digest, ImageIndex, RepoName};
 use crate::upstream::{read_limited, Upstream};
 
 /// Largest referrers page read.
@@ -27,13 +26,6 @@ const PAGE_LIMIT: usize = 16 * 1024 * 1024;
 /// Pages followed for one subject before the `Link` chain is taken for a
 /// loop.
 const MAX_PAGES: usize = 10_000;
-
-/// What stays literal in an `artifactType` query value.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// What to ask and how.
 #[derive(Clone, Debug)]
@@ -157,10 +149,8 @@ impl Walk<'_> {
         artifact_types: &[String],
     ) -> Result<Vec<Descriptor>, ListError> {
         let mut path = format!("/v2/{}/referrers/{subject}", self.repo);
-        for (i, t) in artifact_types.iter().enumerate() {
-            path.push(if i == 0 { '?' } else { '&' });
-            path.push_str("artifactType=");
-            path.extend(utf8_percent_encode(t, QUERY_VALUE));
+        for t in artifact_types {
+            query::append(&mut path, "artifactType", t);
         }
         let mut out = Vec::new();
         let mut next = Some(path);
@@ -203,7 +193,7 @@ impl Walk<'_> {
             .await
             .map_err(|e| ListError::Graft(format!("{}: {e}", self.opts.graft)))?;
         let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        if crate::upstream::is_denial(status) {
             return Err(ListError::Denied(status));
         }
         let filtered = resp

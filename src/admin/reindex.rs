@@ -260,7 +260,7 @@ async fn pages(
             .await
             .map_err(|e| ReindexError::Upstream(format!("{path}: {e}")))?;
         let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        if crate::upstream::is_denial(status) {
             return Ok(Pages::Refused(status));
         }
         if status == StatusCode::NOT_FOUND {

@@ -366,7 +366,7 @@ impl Warmer<'_> {
         if status == StatusCode::OK {
             return Ok(resp);
         }
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        if crate::upstream::is_denial(status) {
             return Err(format!(
                 "GET {path}: graft answered {status}: the upstream wants credentials that may \
                  read this repository (--username/--password)"

@@ -6,6 +6,7 @@ pub(crate) mod descriptor;
 pub(crate) mod digest;
 mod error_code;
 pub(crate) mod name;
+pub mod query;
 
 pub use descriptor::{Descriptor, ImageIndex, ManifestFields};
 pub use digest::Digest;

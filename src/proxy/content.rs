@@ -206,8 +206,7 @@ async fn follow_redirects(
         } else {
             location
         };
-        let same_host = target.starts_with(proxy.upstream.origin())
-            && target[proxy.upstream.origin().len()..].starts_with('/');
+        let same_host = proxy.upstream.is_own_url(&target);
         let next = proxy
             .upstream
             .get_url(&target, if same_host { auth } else { None })

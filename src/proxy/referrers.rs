@@ -5,23 +5,13 @@
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::{head_only, passthrough, Outcome, Proxy};
 use crate::body::{self, Body};
 use crate::error::{oci_error, Error};
-use crate::oci::{media, Digest, ErrorCode, ImageIndex, RepoName};
+use crate::oci::{media, query, Digest, ErrorCode, ImageIndex, RepoName};
 use crate::referrers::{Access, Denial};
 use crate::upstream::ClientSide;
-
-/// What stays literal in a query value graft writes into a `Link`.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~')
-    .remove(b'/')
-    .remove(b':');
 
 pub(crate) async fn handle(
     proxy: &Proxy,
@@ -100,10 +90,10 @@ pub(crate) async fn handle(
     }
     if more {
         if let Some(last) = page.last() {
-            let mut next = format!("/v2/{name}/referrers/{subject}?last={}", last.digest);
+            let mut next = format!("/v2/{name}/referrers/{subject}");
+            query::append(&mut next, "last", last.digest.as_str());
             for t in &query.artifact_types {
-                next.push_str("&artifactType=");
-                next.extend(utf8_percent_encode(t, QUERY_VALUE));
+                query::append(&mut next, "artifactType", t);
             }
             if let Ok(v) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
                 headers.insert(header::LINK, v);
@@ -143,13 +133,10 @@ impl Query {
     fn parse(q: &str) -> Query {
         let mut artifact_types = Vec::new();
         let mut last = None;
-        for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            // `+` stays `+`: media types contain it, and clients encode it.
-            let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
+        for (k, v) in query::pairs(q) {
             match k {
-                "artifactType" if !v.is_empty() => artifact_types.push(v),
-                "last" => last = Some(v),
+                "artifactType" if !v.is_empty() => artifact_types.push(v.into_owned()),
+                "last" => last = Some(v.into_owned()),
                 _ => {}
             }
         }

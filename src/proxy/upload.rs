@@ -9,7 +9,7 @@ use super::{passthrough, Outcome, Proxy};
 use crate::body::{self, Body};
 use crate::cache::{ContentCache, Session, SharedSession, Tee};
 use crate::error::Error;
-use crate::oci::{Digest, RepoName};
+use crate::oci::{query, Digest, RepoName};
 use crate::upstream::ClientSide;
 
 /// `POST /v2/<name>/blobs/uploads/`
@@ -150,13 +150,9 @@ impl Query {
             digest: None,
             mount: false,
         };
-        for pair in req.uri().query().unwrap_or("").split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for (k, v) in query::pairs(req.uri().query().unwrap_or("")) {
             match k {
-                "digest" => {
-                    let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
-                    q.digest = v.parse().ok();
-                }
+                "digest" => q.digest = v.parse().ok(),
                 "mount" => q.mount = true,
                 _ => {}
             }

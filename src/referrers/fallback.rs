@@ -167,7 +167,7 @@ async fn ask(
         .call(method, path, auth, &accept, Bytes::new())
         .await?;
     let status = resp.status();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+    if crate::upstream::is_denial(status) {
         return Ok(Access::Denied(Denial {
             status,
             www_authenticate: resp.headers().get(header::WWW_AUTHENTICATE).cloned(),
