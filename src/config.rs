@@ -65,6 +65,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response head arrives (→ 504).
     pub response_timeout: Duration,
+    /// Longest silence allowed between body bytes from the upstream (cache
+    /// fills, fallback-tag reads): a stalled body is cut instead of holding
+    /// a fill or a tag lock forever.
+    pub body_timeout: Duration,
     /// How long an unused pooled upstream connection is kept.
     pub idle_timeout: Duration,
     /// How long `/readyz` waits for the upstream's `/v2/`.
@@ -138,6 +142,7 @@ impl Default for Config {
                 insecure_skip_verify: false,
                 connect_timeout: Duration::from_secs(5),
                 response_timeout: Duration::from_secs(60),
+                body_timeout: Duration::from_secs(60),
                 idle_timeout: Duration::from_secs(90),
                 ready_timeout: Duration::from_secs(3),
                 username: None,
@@ -248,6 +253,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("upstream.response_timeout", |c, v| {
         c.upstream.response_timeout = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("upstream.body_timeout", |c, v| {
+        c.upstream.body_timeout = parse_duration_value(v)?;
         Ok(())
     }),
     ("upstream.idle_timeout", |c, v| {

@@ -30,6 +30,7 @@ pub struct Upstream {
     origin: Arc<str>,
     authority: HeaderValue,
     response_timeout: Duration,
+    body_timeout: Duration,
 }
 
 /// A failure to get a response head from the upstream.
@@ -97,11 +98,17 @@ impl Upstream {
             authority: HeaderValue::from_str(authority.as_str())
                 .map_err(|e| Error::Internal(format!("upstream host: {e}")))?,
             response_timeout: cfg.response_timeout,
+            body_timeout: cfg.body_timeout,
         })
     }
 
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// Longest silence allowed between body bytes (`upstream.body_timeout`).
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout
     }
 
     /// Whether `url` (absolute) points at the upstream itself, so that the
