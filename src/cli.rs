@@ -37,6 +37,32 @@ pub enum Command {
     Cache(CacheArgs),
 }
 
+/// A password from the command line or the environment: `Debug` (and so
+/// `{:?}` of the parsed command line) shows `<redacted>`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct CacheArgs {
     #[command(subcommand)]
@@ -108,7 +134,7 @@ pub struct GraftClientArgs {
         value_name = "PASSWORD",
         hide_env_values = true
     )]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 /// Options shared by every command that reads the configuration.
@@ -142,7 +168,7 @@ pub struct ConfigArgs {
         value_name = "PASSWORD",
         hide_env_values = true
     )]
-    pub upstream_password: Option<String>,
+    pub upstream_password: Option<Secret>,
     /// Log format: text or json [config: log.format; default text]. The
     /// level comes from RUST_LOG (default info).
     #[arg(long, env = "GRAFT_LOG_FORMAT", value_name = "FORMAT")]
@@ -224,7 +250,12 @@ impl ConfigArgs {
         o.set("upstream.ca_file", self.upstream_ca_file.clone());
         o.set("log.format", self.log_format.clone());
         o.set("upstream.username", self.upstream_username.clone());
-        o.set("upstream.password", self.upstream_password.clone());
+        o.set(
+            "upstream.password",
+            self.upstream_password
+                .as_ref()
+                .map(|p| p.expose().to_string()),
+        );
     }
 
     /// Loads the file (the named one must exist; the default may not) and
@@ -302,6 +333,30 @@ mod tests {
         assert_eq!(c.server.listen.port(), 6000);
         assert_eq!(c.upstream.url, "https://reg.example:5000");
         assert_eq!(c.log.format, crate::config::LogFormat::Json);
+    }
+
+    #[test]
+    fn passwords_reach_the_config_but_not_debug_output() {
+        let cli = Cli::try_parse_from([
+            "graft",
+            "reindex",
+            "--upstream-username",
+            "graft",
+            "--upstream-password",
+            "s3cr3t-pa55",
+        ])
+        .expect("parses");
+        assert!(!format!("{cli:?}").contains("s3cr3t-pa55"), "{cli:?}");
+        let Command::Reindex(mut args) = cli.command else {
+            panic!("not reindex")
+        };
+        args.common.config = None;
+        let c = args.load().expect("valid");
+        assert_eq!(c.upstream.password.as_deref(), Some("s3cr3t-pa55"));
+
+        let cli = Cli::try_parse_from(["graft", "referrers", "a@b", "--password", "pa55-xyz"])
+            .expect("parses");
+        assert!(!format!("{cli:?}").contains("pa55-xyz"), "{cli:?}");
     }
 
     #[test]

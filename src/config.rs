@@ -54,7 +54,9 @@ pub struct ServerConfig {
     pub max_manifest_bytes: usize,
 }
 
-#[derive(Clone, Debug)]
+/// `Debug` (and so any log line or panic that prints the configuration)
+/// shows `password` only as `<redacted>`, and `url` without userinfo.
+#[derive(Clone)]
 pub struct UpstreamConfig {
     /// Origin of the registry graft fronts, e.g. `https://registry.internal`.
     pub url: String,
@@ -78,6 +80,57 @@ pub struct UpstreamConfig {
     /// restart, `graft reindex`. Never sent on a client's behalf.
     pub username: Option<String>,
     pub password: Option<String>,
+}
+
+/// What `Debug` prints in place of a secret.
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let UpstreamConfig {
+            url,
+            ca_file,
+            insecure_skip_verify,
+            connect_timeout,
+            response_timeout,
+            body_timeout,
+            idle_timeout,
+            ready_timeout,
+            username,
+            password,
+        } = self;
+        f.debug_struct("UpstreamConfig")
+            .field("url", &without_userinfo(url))
+            .field("ca_file", ca_file)
+            .field("insecure_skip_verify", insecure_skip_verify)
+            .field("connect_timeout", connect_timeout)
+            .field("response_timeout", response_timeout)
+            .field("body_timeout", body_timeout)
+            .field("idle_timeout", idle_timeout)
+            .field("ready_timeout", ready_timeout)
+            .field("username", username)
+            .field("password", &password.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host` as `scheme://<redacted>@host`, for `Debug`
+/// and the validation messages (a URL without a scheme is judged as if
+/// it started after `://`).
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+            format!("{scheme}{REDACTED}{}", &rest[at..]).into()
+        }
+        None => url.into(),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -192,9 +245,29 @@ impl std::error::Error for ConfigErrors {}
 
 /// Values given on the command line or through `GRAFT_*` variables; they win
 /// over the file. Each is the raw string so it is judged by the same parser.
-#[derive(Clone, Debug, Default)]
+/// `Debug` redacts the values of [`SECRET_KEYS`] and userinfo in URLs.
+#[derive(Clone, Default)]
 pub struct Overrides {
     pub values: Vec<(&'static str, String)>,
+}
+
+/// Keys whose values are secrets: never printed.
+const SECRET_KEYS: &[&str] = &["upstream.password"];
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.values.iter().map(|(k, v)| {
+            let v = match *k {
+                k if SECRET_KEYS.contains(&k) => REDACTED.into(),
+                "upstream.url" => without_userinfo(v),
+                _ => v.as_str().into(),
+            };
+            (k, v)
+        });
+        f.debug_struct("Overrides")
+            .field("values", &shown.collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Overrides {
@@ -416,22 +489,21 @@ impl Config {
 
     /// Checks that cut across keys.
     fn validate(&self, errors: &mut Vec<String>) {
+        let shown = without_userinfo(&self.upstream.url);
         match self.upstream.url.split_once("://") {
             Some(("http" | "https", rest)) if !rest.is_empty() => {
                 if rest.contains('/') {
                     errors.push(format!(
-                        "`upstream.url`: `{}` must be an origin (scheme://host[:port]) without a path",
-                        self.upstream.url
+                        "`upstream.url`: `{shown}` must be an origin (scheme://host[:port]) without a path"
                     ));
                 } else if rest.parse::<http::uri::Authority>().is_err() {
                     errors.push(format!(
-                        "`upstream.url`: `{rest}` is not a valid host[:port]"
+                        "`upstream.url`: `{shown}` is not a valid host[:port]"
                     ));
                 }
             }
             _ => errors.push(format!(
-                "`upstream.url`: `{}` must start with http:// or https://",
-                self.upstream.url
+                "`upstream.url`: `{shown}` must start with http:// or https://"
             )),
         }
         match (&self.server.tls_cert, &self.server.tls_key) {
@@ -489,27 +561,15 @@ fn parse_size_value(v: &toml::Value) -> Result<usize, String> {
     }
 }
 
-/// Accepts plain bytes or `KiB`/`MiB`/`GiB` suffixes.
+/// Accepts a bare number of bytes or a size with a unit as `bytesize` reads
+/// it: `4MiB`, `10GiB`, `512KiB`, also decimal units (`4MB` = 4 000 000).
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size such as 4MiB or 4194304"))?;
-    let mult: usize = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KiB, MiB, GiB)"
-            ))
-        }
+    let bytes = match s.parse::<bytesize::ByteSize>() {
+        Ok(b) if s.starts_with(|c: char| c.is_ascii_digit()) => b.as_u64(),
+        _ => return Err(format!("`{s}` is not a size such as 4MiB or 4194304")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    usize::try_from(bytes).map_err(|_| format!("`{s}` is too large"))
 }
 
 fn parse_duration_value(v: &toml::Value) -> Result<Duration, String> {
@@ -522,22 +582,18 @@ fn parse_duration_value(v: &toml::Value) -> Result<Duration, String> {
     }
 }
 
-/// Accepts `250ms`, `30s`, `5m`, `24h`, or a bare number of seconds.
+/// Accepts a bare number of seconds or what `humantime` reads: `250ms`,
+/// `30s`, `5m`, `24h`, also `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 30s, 5m or 250ms"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m, h)")),
-    };
-    Ok(d)
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("`{s}` is too large"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration such as 30s, 5m or 250ms ({e})"))
 }
 
 #[cfg(test)]
@@ -587,13 +643,79 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_sizes_parse() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
-        assert!(parse_duration("-1s").is_err());
-        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
-        assert!(parse_size("4XB").is_err());
+    fn every_duration_form_accepted_before_still_parses() {
+        let secs = Duration::from_secs;
+        for (text, want) in [
+            ("250ms", Duration::from_millis(250)),
+            ("30s", secs(30)),
+            ("0s", Duration::ZERO),
+            ("5m", secs(300)),
+            ("24h", secs(86_400)),
+            ("90", secs(90)),
+            ("0", Duration::ZERO),
+            (" 30s ", secs(30)),
+            ("1h 30m", secs(5_400)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["-1s", "", "soon", "5 fortnights", "1.5.2s", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let value = |v: toml::Value| parse_duration_value(&v);
+        assert_eq!(value(toml::Value::Integer(45)), Ok(secs(45)));
+        assert!(value(toml::Value::Integer(-1)).is_err());
+        assert!(value(toml::Value::Boolean(true)).is_err());
+    }
+
+    #[test]
+    fn every_size_form_accepted_before_still_parses() {
+        for (text, want) in [
+            ("4MiB", 4 << 20),
+            ("10GiB", 10 << 30),
+            ("512KiB", 512 << 10),
+            ("100B", 100),
+            ("4194304", 4 << 20),
+            ("4 MiB", 4 << 20),
+            ("0", 0),
+        ] {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for bad in ["4XB", "", "-1", "lots", "MiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let value = |v: toml::Value| parse_size_value(&v);
+        assert_eq!(value(toml::Value::Integer(1000)), Ok(1000));
+        assert!(value(toml::Value::Integer(-1)).is_err());
+        assert!(value(toml::Value::Float(1.5)).is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let secret = "s3cr3t-pa55word";
+        let mut o = Overrides::default();
+        o.set("upstream.username", Some("graft".into()));
+        o.set("upstream.password", Some(secret.into()));
+        o.set(
+            "upstream.url",
+            Some(format!("https://graft:{secret}@reg.example")),
+        );
+        assert!(!format!("{o:?}").contains(secret), "{o:?}");
+        assert!(format!("{o:?}").contains("graft"), "other values are shown");
+        let mut c = Config::default();
+        let mut errors = Vec::new();
+        for (key, raw) in &o.values {
+            c.apply_one(key, &toml::Value::String(raw.clone()), "t", &mut errors);
+        }
+        assert!(errors.is_empty(), "{errors:?}");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("password: Some(\"<redacted>\")"), "{shown}");
+        assert!(shown.contains("https://<redacted>@reg.example"), "{shown}");
+        c.upstream.url = format!("graft:{secret}@reg.example");
+        let mut errors = Vec::new();
+        c.validate(&mut errors);
+        assert!(!errors.is_empty());
+        assert!(errors.iter().all(|e| !e.contains(secret)), "{errors:?}");
     }
 
     #[test]
@@ -610,6 +732,8 @@ mod tests {
         }
         let c = Config::load(Some((&path, true)), &Overrides::default()).expect("valid");
         let d = Config::default();
+        // `Debug` redacts the password, so it is compared on its own.
+        assert_eq!(c.upstream.password, d.upstream.password);
         assert_eq!(
             format!("{c:?}"),
             format!("{d:?}"),

@@ -236,13 +236,13 @@ fn finish<R: std::fmt::Display, E: std::fmt::Display>(
 
 /// The `Authorization` a command sends to graft as a registry client.
 fn basic_auth(client: &GraftClientArgs) -> Result<Option<http::HeaderValue>, String> {
-    match (client.username.as_deref(), client.password.as_deref()) {
+    match (client.username.as_deref(), client.password.as_ref()) {
         (None, None) => Ok(None),
         (None, Some(_)) => Err("--password needs --username".into()),
         (Some(user), password) => {
             let cfg = graft::config::UpstreamConfig {
                 username: Some(user.to_string()),
-                password: password.map(str::to_string),
+                password: password.map(|p| p.expose().to_string()),
                 ..graft::Config::default().upstream
             };
             graft::proxy::own_credentials(&cfg)
