@@ -1,6 +1,8 @@
 //! The `graft` binary: parse the command line, load the configuration, set
 //! up logging, and hand over to the library.
 
+mod progress;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,7 +10,7 @@ use graft::cli::{
     CacheCommand, CacheWarmArgs, Cli, Command, GraftClientArgs, ReferrersArgs, ReindexArgs,
 };
 use graft::config::{Config, ConfigErrors, LogFormat};
-use indicatif::{MultiProgress, ProgressBar};
+use progress::{Bar, Lines};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -68,12 +70,13 @@ fn reindex(args: &ReindexArgs) -> ExitCode {
         }
     }
     // Draws only when stderr is a terminal; log lines go above it.
-    let bar = ProgressBar::new_spinner();
+    let bar = Bar::new();
     let above = bar.clone();
     init_logging(config.log.format, move || AboveBar(above.clone()));
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
+    // `run` finishes the bar on every path, so an error prints cleanly.
     match runtime.block_on(graft::admin::reindex::run(&config, &repos, &bar)) {
         Ok(summary) => {
             println!("{summary}");
@@ -84,7 +87,6 @@ fn reindex(args: &ReindexArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            bar.finish_and_clear();
             eprintln!("graft reindex: {e}");
             ExitCode::FAILURE
         }
@@ -150,12 +152,12 @@ fn cache(command: CacheCommand) -> ExitCode {
         }),
         CacheCommand::Verify(args) => with_config(args.load(|_| {}), |config| {
             // Draws only when stderr is a terminal; log lines go above it.
-            let bar = ProgressBar::new(0);
+            let bar = Bar::new();
             let above = bar.clone();
             init_logging(config.log.format, move || AboveBar(above.clone()));
-            let verified = cache::verify(&config, &bar);
-            bar.finish_and_clear();
-            finish("cache verify", verified, |r| r.is_clean())
+            finish("cache verify", cache::verify(&config, &bar), |r| {
+                r.is_clean()
+            })
         }),
         CacheCommand::Warm(args) => cache_warm(&args),
     }
@@ -206,8 +208,7 @@ fn cache_warm(args: &CacheWarmArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     // One bar per image; drawn only when stderr is a terminal.
-    let bars = MultiProgress::new();
-    let warmed = runtime.block_on(warm::run(&opts, &images, &bars));
+    let warmed = runtime.block_on(warm::run(&opts, &images, &Lines::new()));
     finish("cache warm", warmed, |s| s.is_complete())
 }
 
@@ -268,7 +269,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// Writes log lines to stderr with the progress bar lifted out of the way,
 /// so neither overwrites the other.
-struct AboveBar(ProgressBar);
+struct AboveBar(Bar);
 
 impl std::io::Write for AboveBar {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -18,7 +18,6 @@ use graft::admin::reindex::{self, ReindexSummary};
 use graft::config::FallbackTag;
 use graft::index::Index;
 use graft::oci::{Digest, RepoName};
-use indicatif::ProgressBar;
 use serde_json::{json, Value};
 
 /// graft's configuration for `registry` with its data under `data_dir`.
@@ -34,7 +33,7 @@ async fn reindex(config: &graft::Config, repos: &[&str]) -> ReindexSummary {
         .iter()
         .map(|r| RepoName::parse(r).expect("repository name"))
         .collect();
-    reindex::run(config, &repos, &ProgressBar::hidden())
+    reindex::run(config, &repos, &graft::admin::Silent)
         .await
         .expect("reindex runs")
 }
@@ -285,7 +284,7 @@ async fn reindex_reads_a_protected_registry_with_graft_s_own_credentials() {
     let mut config = config_for(&registry, data.path());
 
     // Anonymous: the catalog is refused, and so are the tags.
-    let refused = reindex::run(&config, &[], &ProgressBar::hidden())
+    let refused = reindex::run(&config, &[], &graft::admin::Silent)
         .await
         .expect_err("the catalog needs credentials");
     assert!(refused.to_string().contains("--repo"), "{refused}");

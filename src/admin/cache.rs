@@ -19,9 +19,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
+use bytesize::ByteSize;
 
-use crate::cache::{now_millis, CacheError, CacheStats, ContentCache, VerifyReport};
+use super::{Outcome, Progress, Unit};
+use crate::cache::{CacheError, CacheStats, ContentCache, VerifyReport};
 use crate::config::Config;
 use crate::index::{CacheEntry, Index, IndexError};
 use crate::oci::Digest;
@@ -68,7 +69,7 @@ pub fn stats(config: &Config) -> Result<StatsReport, CacheCommandError> {
     let cache = open(config)?;
     Ok(StatsReport {
         stats: cache.stats()?,
-        now_ms: now_millis(),
+        now_ms: config.clock.now_millis(),
     })
 }
 
@@ -80,13 +81,13 @@ impl fmt::Display for StatsReport {
             f,
             "bytes in use: {} ({})",
             s.bytes_in_use,
-            HumanBytes(s.bytes_in_use)
+            human_bytes(s.bytes_in_use)
         )?;
         writeln!(
             f,
             "budget: {} ({}), {:.1}% used",
             s.max_bytes,
-            HumanBytes(s.max_bytes),
+            human_bytes(s.max_bytes),
             percent(s.bytes_in_use, s.max_bytes)
         )?;
         for (what, at) in [
@@ -143,7 +144,7 @@ pub fn gc(config: &Config) -> Result<GcReport, CacheCommandError> {
     Ok(GcReport {
         removed,
         after: cache.stats()?,
-        now_ms: now_millis(),
+        now_ms: config.clock.now_millis(),
     })
 }
 
@@ -162,7 +163,7 @@ impl fmt::Display for GcReport {
             f,
             "removed: {} files, {removed} bytes ({})",
             self.removed.len(),
-            HumanBytes(removed)
+            human_bytes(removed)
         )?;
         let a = &self.after;
         write!(
@@ -170,9 +171,9 @@ impl fmt::Display for GcReport {
             "cache: {} entries, {} bytes ({}) of a {} ({}) budget",
             a.entries,
             a.bytes_in_use,
-            HumanBytes(a.bytes_in_use),
+            human_bytes(a.bytes_in_use),
             a.max_bytes,
-            HumanBytes(a.max_bytes)
+            human_bytes(a.max_bytes)
         )?;
         if !self.within_budget() {
             write!(
@@ -197,16 +198,18 @@ impl VerifySummary {
 
 /// Re-hashes every file of the cache under `config.storage.data_dir`,
 /// removing the corrupt ones. `progress` counts bytes re-hashed; pass
-/// [`ProgressBar::hidden`] for none.
-pub fn verify(config: &Config, progress: &ProgressBar) -> Result<VerifySummary, CacheCommandError> {
+/// [`super::Silent`] for none.
+pub fn verify(
+    config: &Config,
+    progress: &dyn Progress,
+) -> Result<VerifySummary, CacheCommandError> {
     let cache = open(config)?;
     let total = cache.stats()?.file_bytes;
-    progress.set_style(bar_style());
-    progress.set_length(total);
-    progress.enable_steady_tick(Duration::from_millis(120));
-    let report = cache.verify_each(|_, size| progress.inc(size));
-    // Also on errors: the bar's ticker must stop before the error is shown.
-    progress.finish_and_clear();
+    progress.message("verifying");
+    progress.count(total, Unit::Bytes);
+    let report = cache.verify_each(|_, size| progress.advance(size));
+    // Also on errors: a display must stop before the error is shown.
+    progress.finish(Outcome::Clear);
     Ok(VerifySummary(report?))
 }
 
@@ -224,7 +227,7 @@ impl fmt::Display for VerifySummary {
             "checked: {} files, {} bytes ({})",
             r.checked,
             r.bytes,
-            HumanBytes(r.bytes)
+            human_bytes(r.bytes)
         )?;
         write!(f, "corrupt: {}", r.corrupt.len())?;
         if !r.unreadable.is_empty() {
@@ -241,10 +244,15 @@ fn percent(part: u64, whole: u64) -> f64 {
     part as f64 * 100.0 / whole as f64
 }
 
-/// `2025-06-01T12:00:00Z (3 hours ago)`.
+/// `3072` as `3.00 KiB`.
+pub(super) fn human_bytes(n: u64) -> String {
+    format!("{:.2}", ByteSize(n).display().iec())
+}
+
+/// `2025-06-01T12:00:00Z (3h 2m ago)`, to the second.
 fn when(ms: u64, now_ms: u64) -> String {
-    let age = Duration::from_millis(now_ms.saturating_sub(ms));
-    format!("{} ({} ago)", rfc3339(ms), HumanDuration(age))
+    let age = Duration::from_secs(now_ms.saturating_sub(ms) / 1000);
+    format!("{} ({} ago)", rfc3339(ms), humantime::format_duration(age))
 }
 
 /// Unix milliseconds as an RFC 3339 UTC time, to the second (no calendar
@@ -270,22 +278,9 @@ fn rfc3339(ms: u64) -> String {
     )
 }
 
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{spinner} verifying [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )
-    .expect("a valid literal template")
-    .progress_chars("=> ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_template_parses() {
-        let _ = bar_style();
-    }
 
     #[test]
     fn times_are_rfc3339_utc() {
@@ -315,8 +310,8 @@ mod tests {
             "entries: 2\n\
              bytes in use: 3072 (3.00 KiB)\n\
              budget: 4096 (4.00 KiB), 75.0% used\n\
-             oldest access: 2023-11-14T22:13:20Z (2 minutes ago)\n\
-             newest access: 2023-11-14T22:14:20Z (60 seconds ago)\n\
+             oldest access: 2023-11-14T22:13:20Z (2m ago)\n\
+             newest access: 2023-11-14T22:14:20Z (1m ago)\n\
              files on disk: 2 (3072 bytes)"
         );
         let mut changed = report.clone();

@@ -7,12 +7,16 @@
 //! (`graft cache warm`) pre-pulls images through a running graft.
 //!
 //! `reindex` and `listing` walk paginated registry answers; [`next_link`]
-//! is the one reading of `Link: <…>; rel="next"` they share.
+//! is the one reading of `Link: <…>; rel="next"` they share. The commands
+//! report progress through [`Progress`]; drawing it is the binary's business.
 
 pub mod cache;
 pub mod listing;
+mod progress;
 pub mod reindex;
 pub mod warm;
+
+pub use progress::{Outcome, Progress, Silent, Unit};
 
 use http::header::{self, HeaderMap};
 

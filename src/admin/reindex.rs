@@ -15,14 +15,12 @@
 //! with [`IndexError::Locked`] instead of waiting.
 
 use std::fmt;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::next_link;
+use super::{next_link, Outcome, Progress, Unit};
 use crate::config::Config;
 use crate::credentials::CredentialKeys;
 use crate::index::{Index, IndexError};
@@ -103,15 +101,15 @@ impl From<crate::Error> for ReindexError {
 
 /// Walks `repos` (every repository in the upstream's catalog when empty)
 /// and ingests their fallback tags into the index under
-/// `config.storage.data_dir`. `progress` shows how far it got; pass
-/// [`ProgressBar::hidden`] for none.
+/// `config.storage.data_dir`. `progress` hears how far it got; pass
+/// [`super::Silent`] for none.
 ///
 /// The index is closed again when this returns, so `graft serve` can
 /// start on it right after.
 pub async fn run(
     config: &Config,
     repos: &[RepoName],
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<ReindexSummary, ReindexError> {
     let index = Index::open(&config.storage.data_dir.join("index"))?;
     let upstream = Upstream::new(&config.upstream)?;
@@ -125,8 +123,8 @@ pub async fn run(
             .map_err(|e| ReindexError::Upstream(format!("credentials secret: {e}")))?,
     );
     let walked = walk(&referrers, &upstream, auth.as_ref(), repos, progress).await;
-    // Also on errors: the bar's ticker must stop before the error is shown.
-    progress.finish_and_clear();
+    // Also on errors: a display must stop before the error is shown.
+    progress.finish(Outcome::Clear);
     referrers.index().flush().await?;
     walked
 }
@@ -138,13 +136,11 @@ async fn walk(
     upstream: &Upstream,
     auth: Option<&HeaderValue>,
     repos: &[RepoName],
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<ReindexSummary, ReindexError> {
     let mut summary = ReindexSummary::default();
-    progress.set_style(spinner_style());
-    progress.enable_steady_tick(Duration::from_millis(120));
     let repos = if repos.is_empty() {
-        progress.set_message("listing repositories");
+        progress.message("listing repositories");
         catalog(upstream, auth).await?
     } else {
         repos.to_vec()
@@ -152,7 +148,7 @@ async fn walk(
 
     let mut work = Vec::new();
     for (i, repo) in repos.iter().enumerate() {
-        progress.set_message(format!("listing tags {}/{}: {repo}", i + 1, repos.len()));
+        progress.message(&format!("listing tags {}/{}: {repo}", i + 1, repos.len()));
         match tags(upstream, repo, auth).await {
             Ok(Some(tags)) => {
                 summary.repositories += 1;
@@ -169,11 +165,9 @@ async fn walk(
         }
     }
 
-    progress.set_style(bar_style());
-    progress.set_length(work.len() as u64);
-    progress.set_position(0);
+    progress.count(work.len() as u64, Unit::Items("fallback tags"));
     for (repo, tag) in &work {
-        progress.set_message(format!("{repo}:{tag}"));
+        progress.message(&format!("{repo}:{tag}"));
         match referrers.reindex_tag(repo, tag, auth).await {
             Ok(Access::Granted(stats)) => {
                 summary.subjects += 1;
@@ -187,7 +181,7 @@ async fn walk(
             )),
             Err(e) => summary.problems.push(format!("{repo}:{tag}: {e}")),
         }
-        progress.inc(1);
+        progress.advance(1);
     }
     Ok(summary)
 }
@@ -285,25 +279,9 @@ async fn pages(
     Ok(Pages::Listed(out))
 }
 
-fn spinner_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} {wide_msg}").expect("a valid literal template")
-}
-
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} fallback tags  {wide_msg}")
-        .expect("a valid literal template")
-        .progress_chars("=> ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_templates_parse() {
-        let _ = spinner_style();
-        let _ = bar_style();
-    }
 
     #[test]
     fn summary_lists_counts_then_what_is_left() {

@@ -19,7 +19,6 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -27,9 +26,10 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+use super::cache::human_bytes;
+use super::{Outcome, Progress, Unit};
 use crate::config::Config;
 use crate::oci::{Descriptor, Digest, Reference, RepoName};
 use crate::referrers::ACCEPT_MANIFESTS;
@@ -136,7 +136,7 @@ impl fmt::Display for WarmSummary {
         writeln!(f, "images: {}", self.images)?;
         writeln!(f, "manifests: {}", self.manifests)?;
         writeln!(f, "blobs: {}", self.blobs)?;
-        write!(f, "bytes: {} ({})", self.bytes, HumanBytes(self.bytes))?;
+        write!(f, "bytes: {} ({})", self.bytes, human_bytes(self.bytes))?;
         if self.foreign_skipped > 0 {
             write!(
                 f,
@@ -151,14 +151,14 @@ impl fmt::Display for WarmSummary {
     }
 }
 
-/// Pulls every image in `images` through the graft at `opts.graft`, with a
-/// byte progress bar per image under `progress` (pass a hidden
-/// [`MultiProgress`] for none). A fetch that fails is noted in the summary
-/// and the run goes on.
+/// Pulls every image in `images` through the graft at `opts.graft`,
+/// reporting bytes read on one [`Progress::line`] of `progress` per image
+/// (pass [`super::Silent`] for none). A fetch that fails is noted in the
+/// summary and the run goes on.
 pub async fn run(
     opts: &WarmOptions,
     images: &[ImageRef],
-    progress: &MultiProgress,
+    progress: &dyn Progress,
 ) -> Result<WarmSummary, WarmError> {
     let mut cfg = Config::default().upstream;
     cfg.url = opts.graft.trim_end_matches('/').to_string();
@@ -171,8 +171,8 @@ pub async fn run(
     };
     let mut summary = WarmSummary::default();
     for image in images {
-        let bar = progress.add(ProgressBar::new_spinner());
-        let problems = warmer.image(image, &bar, &mut summary).await;
+        let line = progress.line();
+        let problems = warmer.image(image, &*line, &mut summary).await;
         if problems.is_empty() {
             summary.images += 1;
         }
@@ -203,65 +203,111 @@ struct Manifest {
     blobs: Vec<Descriptor>,
 }
 
+/// What reading an image's manifests found.
+#[derive(Debug, Default)]
+struct Manifests {
+    read: usize,
+    /// Config and layer descriptors of every platform, repeats included.
+    blobs: Vec<Descriptor>,
+    problems: Vec<String>,
+}
+
 impl Warmer<'_> {
     /// Reads one image: its manifests, then its blobs. Returns what failed.
     async fn image(
         &mut self,
         image: &ImageRef,
-        bar: &ProgressBar,
+        line: &dyn Progress,
         summary: &mut WarmSummary,
     ) -> Vec<String> {
-        bar.set_style(spinner_style());
-        bar.set_message(format!("{image}: manifests"));
-        bar.enable_steady_tick(Duration::from_millis(120));
-        let mut problems = Vec::new();
-        let mut blobs = Vec::new();
-        let mut manifests = 0;
+        line.message(&format!("{image}: manifests"));
+        let mut found = self.manifests(image, summary).await;
+        summary.manifests += found.read;
+        let wanted = self.unread(&image.repo, std::mem::take(&mut found.blobs), summary);
+        // A byte count only when there are bytes to read: an image whose
+        // manifest failed ends on its message line with the failure count.
+        if !wanted.is_empty() {
+            line.count(wanted.iter().map(|d| d.size).sum(), Unit::Bytes);
+            line.message(&image.to_string());
+        }
+        let read = self
+            .blobs(&image.repo, &wanted, line, summary, &mut found.problems)
+            .await;
+        if found.problems.is_empty() {
+            let done = format!("{image}: {} manifests, {read} blobs", found.read);
+            line.finish(Outcome::Done(&done));
+        } else {
+            let failed = format!("{image}: {} failed", found.problems.len());
+            line.finish(Outcome::Failed(&failed));
+        }
+        found.problems
+    }
+
+    /// Reads the image's manifest and, for an index, every child manifest
+    /// (nested indexes too, up to [`MAX_NESTING`] deep), depth first.
+    async fn manifests(&self, image: &ImageRef, summary: &mut WarmSummary) -> Manifests {
+        let mut found = Manifests::default();
         let mut todo = vec![(image.reference.to_string(), 0)];
         while let Some((reference, depth)) = todo.pop() {
-            match self.manifest(&image.repo, &reference).await {
-                Ok(m) => {
-                    manifests += 1;
-                    summary.bytes += m.bytes;
-                    if !m.children.is_empty() && depth >= MAX_NESTING {
-                        problems.push(format!(
-                            "{reference}: indexes nested more than {MAX_NESTING} deep"
-                        ));
-                        continue;
-                    }
-                    // Reversed onto the stack, so platforms go in index order.
-                    todo.extend(
-                        m.children
-                            .iter()
-                            .rev()
-                            .map(|c| (c.digest.to_string(), depth + 1)),
-                    );
-                    blobs.extend(m.blobs);
+            let m = match self.manifest(&image.repo, &reference).await {
+                Ok(m) => m,
+                Err(e) => {
+                    found.problems.push(e);
+                    continue;
                 }
-                Err(e) => problems.push(e),
+            };
+            found.read += 1;
+            summary.bytes += m.bytes;
+            if !m.children.is_empty() && depth >= MAX_NESTING {
+                found.problems.push(format!(
+                    "{reference}: indexes nested more than {MAX_NESTING} deep"
+                ));
+                continue;
             }
+            // Reversed onto the stack, so platforms go in index order.
+            todo.extend(
+                m.children
+                    .iter()
+                    .rev()
+                    .map(|c| (c.digest.to_string(), depth + 1)),
+            );
+            found.blobs.extend(m.blobs);
         }
-        summary.manifests += manifests;
+        found
+    }
 
+    /// The blobs of `blobs` still to read in `repo`, each once; foreign
+    /// layers are counted and skipped.
+    fn unread(
+        &mut self,
+        repo: &RepoName,
+        blobs: Vec<Descriptor>,
+        summary: &mut WarmSummary,
+    ) -> Vec<Descriptor> {
         let mut wanted = Vec::new();
         for d in blobs {
             if is_foreign(&d) {
                 summary.foreign_skipped += 1;
-            } else if self.fetched.insert((image.repo.clone(), d.digest.clone())) {
+            } else if self.fetched.insert((repo.clone(), d.digest.clone())) {
                 wanted.push(d);
             }
         }
-        // A byte bar only when there are bytes to read: an image whose
-        // manifest failed ends on its spinner line with the failure count.
-        if !wanted.is_empty() {
-            bar.set_style(bar_style());
-            bar.set_length(wanted.iter().map(|d| d.size).sum());
-            bar.set_position(0);
-            bar.set_message(image.to_string());
-        }
+        wanted
+    }
+
+    /// Reads `wanted`, `opts.jobs` at a time; returns how many were read
+    /// and adds what failed to `problems`.
+    async fn blobs(
+        &mut self,
+        repo: &RepoName,
+        wanted: &[Descriptor],
+        line: &dyn Progress,
+        summary: &mut WarmSummary,
+        problems: &mut Vec<String>,
+    ) -> usize {
         let this = &*self;
-        let results: Vec<(Digest, Result<u64, String>)> = stream::iter(&wanted)
-            .map(|d| async move { (d.digest.clone(), this.blob(&image.repo, d, bar).await) })
+        let results: Vec<(Digest, Result<u64, String>)> = stream::iter(wanted)
+            .map(|d| async move { (d.digest.clone(), this.blob(repo, d, line).await) })
             .buffer_unordered(self.opts.jobs.max(1))
             .collect()
             .await;
@@ -274,18 +320,13 @@ impl Warmer<'_> {
                 }
                 Err(e) => {
                     // Another image of this run may try it again.
-                    self.fetched.remove(&(image.repo.clone(), digest));
+                    self.fetched.remove(&(repo.clone(), digest));
                     problems.push(e);
                 }
             }
         }
         summary.blobs += read;
-        if problems.is_empty() {
-            bar.finish_with_message(format!("{image}: {manifests} manifests, {read} blobs"));
-        } else {
-            bar.abandon_with_message(format!("{image}: {} failed", problems.len()));
-        }
-        problems
+        read
     }
 
     /// GETs a manifest by tag or digest and checks its bytes against the
@@ -315,12 +356,12 @@ impl Warmer<'_> {
         parse_manifest(&body).map_err(|e| format!("GET {path}: {e}"))
     }
 
-    /// GETs a blob, counting its bytes into `bar` and dropping them.
+    /// GETs a blob, counting its bytes into `line` and dropping them.
     async fn blob(
         &self,
         repo: &RepoName,
         d: &Descriptor,
-        bar: &ProgressBar,
+        line: &dyn Progress,
     ) -> Result<u64, String> {
         let path = format!("/v2/{repo}/blobs/{}", d.digest);
         let mut body = self.get(&path, &[]).await?.into_body();
@@ -333,7 +374,7 @@ impl Warmer<'_> {
                 .map_err(|e| format!("GET {path}: the body broke off after {got} bytes ({e})"))?;
             if let Ok(data) = frame.into_data() {
                 got += data.len() as u64;
-                bar.inc(data.len() as u64);
+                line.advance(data.len() as u64);
             }
         }
         if got != d.size {
@@ -438,27 +479,9 @@ fn is_foreign(d: &Descriptor) -> bool {
         .is_some_and(|urls| !urls.is_empty())
 }
 
-fn spinner_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} {wide_msg}").expect("a valid literal template")
-}
-
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-    )
-    .expect("a valid literal template")
-    .progress_chars("=> ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_templates_parse() {
-        let _ = spinner_style();
-        let _ = bar_style();
-    }
 
     #[test]
     fn images_are_repo_colon_tag_or_repo_at_digest() {
