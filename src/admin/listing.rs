@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 
-use super::next_link;
+use super::Pages;
 use crate::config::Config;
 use crate::oci::{query, Descriptor, Digest, ImageIndex, RepoName};
 use crate::upstream::{read_limited, Upstream};
@@ -153,16 +153,12 @@ impl Walk<'_> {
             query::append(&mut path, "artifactType", t);
         }
         let mut out = Vec::new();
-        let mut next = Some(path);
-        let mut pages = 0;
-        while let Some(path) = next.take() {
-            pages += 1;
-            if pages > MAX_PAGES {
-                return Err(ListError::Graft(format!(
-                    "more than {MAX_PAGES} pages for {subject}; the Link chain looks like a loop"
-                )));
-            }
-            let (page, filtered, link) = self.page(&path).await?;
+        let mut pages = Pages::new(path, MAX_PAGES);
+        while let Some(path) = pages
+            .next_path()
+            .map_err(|e| ListError::Graft(e.to_string()))?
+        {
+            let (page, filtered) = self.page(&path, &mut pages).await?;
             // A server that ignored the filter says so by omitting
             // OCI-Filters-Applied; the filter is then applied here.
             out.extend(page.into_iter().filter(|d| {
@@ -172,14 +168,17 @@ impl Walk<'_> {
                         .as_ref()
                         .is_some_and(|t| artifact_types.contains(t))
             }));
-            next = link.filter(|n| *n != path);
         }
         Ok(out)
     }
 
-    /// One page: its entries, whether the server filtered them, and the
-    /// next page's path.
-    async fn page(&self, path: &str) -> Result<(Vec<Descriptor>, bool, Option<String>), ListError> {
+    /// One page: its entries and whether the server filtered them; the
+    /// next page's link goes to `pages`.
+    async fn page(
+        &self,
+        path: &str,
+        pages: &mut Pages,
+    ) -> Result<(Vec<Descriptor>, bool), ListError> {
         let accept = [(header::ACCEPT, crate::oci::media::IMAGE_INDEX)];
         let resp = self
             .client
@@ -201,7 +200,7 @@ impl Walk<'_> {
             .get("oci-filters-applied")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|f| f.trim() == "artifactType"));
-        let link = next_link(resp.headers(), self.client.origin());
+        pages.followed(resp.headers(), self.client.origin());
         let bytes = read_limited(resp.into_body(), PAGE_LIMIT)
             .await
             .map_err(|e| ListError::Graft(format!("{path}: {e}")))?;
@@ -213,7 +212,7 @@ impl Walk<'_> {
         }
         let index: ImageIndex = serde_json::from_slice(&bytes)
             .map_err(|e| ListError::Graft(format!("GET {path}: not an image index ({e})")))?;
-        Ok((index.manifests, filtered, link))
+        Ok((index.manifests, filtered))
     }
 }
 

@@ -6,8 +6,8 @@
 //! content cache of a stopped graft's data directory, and [`warm`]
 //! (`graft cache warm`) pre-pulls images through a running graft.
 //!
-//! `reindex` and `listing` walk paginated registry answers; [`next_link`]
-//! is the one reading of `Link: <…>; rel="next"` they share. The commands
+//! `reindex` and `listing` walk paginated registry answers (catalog, tags,
+//! referrers); [`Pages`] is the one way they follow `Link: <…>; rel="next"`. The commands
 //! report progress through [`Progress`]; drawing it is the binary's business.
 
 pub mod cache;
@@ -19,6 +19,70 @@ pub mod warm;
 pub use progress::{Outcome, Progress, Silent, Unit};
 
 use http::header::{self, HeaderMap};
+
+/// A walk along a `Link: <…>; rel="next"` chain:
+///
+/// ```ignore
+/// let mut pages = Pages::new(first, MAX_PAGES);
+/// while let Some(path) = pages.next_path()? {
+///     let resp = get(&path).await?;
+///     pages.followed(resp.headers(), origin);
+///     // … read the page …
+/// }
+/// ```
+///
+/// It ends when a page has no next link or links to itself, and fails past
+/// `max` pages: a chain that long is taken for a loop.
+#[derive(Debug)]
+pub(crate) struct Pages {
+    first: String,
+    next: Option<String>,
+    current: String,
+    fetched: usize,
+    max: usize,
+}
+
+/// A `Link` chain longer than the walk allows.
+#[derive(Debug, thiserror::Error)]
+#[error("{first}: more than {max} pages; the Link chain looks like a loop")]
+pub(crate) struct TooManyPages {
+    first: String,
+    max: usize,
+}
+
+impl Pages {
+    pub(crate) fn new(first: String, max: usize) -> Pages {
+        Pages {
+            next: Some(first.clone()),
+            first,
+            current: String::new(),
+            fetched: 0,
+            max,
+        }
+    }
+
+    /// The path of the page to fetch next, `None` at the end of the chain.
+    pub(crate) fn next_path(&mut self) -> Result<Option<String>, TooManyPages> {
+        let Some(path) = self.next.take() else {
+            return Ok(None);
+        };
+        self.fetched += 1;
+        if self.fetched > self.max {
+            return Err(TooManyPages {
+                first: self.first.clone(),
+                max: self.max,
+            });
+        }
+        self.current.clone_from(&path);
+        Ok(Some(path))
+    }
+
+    /// Takes the next link from the headers of the page just fetched (see
+    /// [`next_link`] for which links are followed).
+    pub(crate) fn followed(&mut self, headers: &HeaderMap, origin: &str) {
+        self.next = next_link(headers, origin).filter(|n| *n != self.current);
+    }
+}
 
 /// The path and query of the `rel="next"` link in `headers`, if any.
 ///
@@ -62,6 +126,36 @@ pub fn next_link(headers: &HeaderMap, origin: &str) -> Option<String> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn pages_end_without_a_next_link_or_at_a_self_link_and_stop_loops() {
+        let o = "http://127.0.0.1:5000";
+        let mut pages = Pages::new("/v2/_catalog".into(), 3);
+        assert_eq!(
+            pages.next_path().expect("1").as_deref(),
+            Some("/v2/_catalog")
+        );
+        pages.followed(&link("</v2/_catalog?last=a>; rel=\"next\""), o);
+        assert_eq!(
+            pages.next_path().expect("2").as_deref(),
+            Some("/v2/_catalog?last=a")
+        );
+        pages.followed(&link("</v2/_catalog?last=a>; rel=\"next\""), o);
+        assert_eq!(pages.next_path().expect("a self link ends it"), None);
+
+        let mut pages = Pages::new("/p0".into(), 3);
+        assert!(pages.next_path().expect("first").is_some());
+        pages.followed(&HeaderMap::new(), o);
+        assert_eq!(pages.next_path().expect("no link ends it"), None);
+
+        let mut pages = Pages::new("/p0".into(), 2);
+        for next in ["</p1>; rel=next", "</p0>; rel=next"] {
+            assert!(pages.next_path().expect("within max").is_some());
+            pages.followed(&link(next), o);
+        }
+        let e = pages.next_path().expect_err("a loop");
+        assert!(e.to_string().contains("more than 2 pages"), "{e}");
+    }
 
     fn link(v: &'static str) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 
-use super::{next_link, Outcome, Progress, Unit};
+use super::{Outcome, Pages, Progress, Unit};
 use crate::config::Config;
 use crate::credentials::CredentialKeys;
 use crate::index::{Index, IndexError};
@@ -192,8 +192,8 @@ async fn catalog(
     auth: Option<&HeaderValue>,
 ) -> Result<Vec<RepoName>, ReindexError> {
     let names = match pages(upstream, "/v2/_catalog", "repositories", auth).await? {
-        Pages::Listed(names) => names,
-        Pages::Refused(status) | Pages::Missing(status) => {
+        Listing::Listed(names) => names,
+        Listing::Refused(status) | Listing::Missing(status) => {
             return Err(ReindexError::CatalogRefused(status))
         }
     };
@@ -216,15 +216,15 @@ async fn tags(
     auth: Option<&HeaderValue>,
 ) -> Result<Option<Vec<String>>, ReindexError> {
     match pages(upstream, &format!("/v2/{repo}/tags/list"), "tags", auth).await? {
-        Pages::Listed(tags) => Ok(Some(tags)),
-        Pages::Missing(_) => Ok(None),
-        Pages::Refused(status) => Err(ReindexError::Upstream(format!(
+        Listing::Listed(tags) => Ok(Some(tags)),
+        Listing::Missing(_) => Ok(None),
+        Listing::Refused(status) => Err(ReindexError::Upstream(format!(
             "the upstream answered {status} listing tags (graft's own credentials may not read it)"
         ))),
     }
 }
 
-enum Pages {
+enum Listing {
     Listed(Vec<String>),
     Refused(StatusCode),
     Missing(StatusCode),
@@ -237,35 +237,31 @@ async fn pages(
     first: &str,
     field: &str,
     auth: Option<&HeaderValue>,
-) -> Result<Pages, ReindexError> {
+) -> Result<Listing, ReindexError> {
     let accept = [(header::ACCEPT, "application/json")];
     let mut out = Vec::new();
-    let mut next = Some(first.to_string());
-    let mut followed = 0;
-    while let Some(path) = next.take() {
-        followed += 1;
-        if followed > MAX_PAGES {
-            return Err(ReindexError::Upstream(format!(
-                "{first}: more than {MAX_PAGES} pages; the Link chain looks like a loop"
-            )));
-        }
+    let mut pages = Pages::new(first.to_string(), MAX_PAGES);
+    while let Some(path) = pages
+        .next_path()
+        .map_err(|e| ReindexError::Upstream(e.to_string()))?
+    {
         let resp = upstream
             .call(Method::GET, &path, auth, &accept, Bytes::new())
             .await
             .map_err(|e| ReindexError::Upstream(format!("{path}: {e}")))?;
         let status = resp.status();
         if crate::upstream::is_denial(status) {
-            return Ok(Pages::Refused(status));
+            return Ok(Listing::Refused(status));
         }
         if status == StatusCode::NOT_FOUND {
-            return Ok(Pages::Missing(status));
+            return Ok(Listing::Missing(status));
         }
         if !status.is_success() {
             return Err(ReindexError::Upstream(format!(
                 "{path}: the upstream answered {status}"
             )));
         }
-        next = next_link(resp.headers(), upstream.origin()).filter(|n| *n != path);
+        pages.followed(resp.headers(), upstream.origin());
         let bytes = read_limited(resp.into_body(), PAGE_LIMIT)
             .await
             .map_err(|e| ReindexError::Upstream(format!("{path}: {e}")))?;
@@ -276,7 +272,7 @@ async fn pages(
             out.extend(items.iter().filter_map(|v| v.as_str()).map(str::to_string));
         }
     }
-    Ok(Pages::Listed(out))
+    Ok(Listing::Listed(out))
 }
 
 #[cfg(test)]
