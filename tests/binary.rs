@@ -20,6 +20,27 @@ impl Drop for ServeProcess {
     }
 }
 
+/// Waits until `graft serve` answers `/healthz`, failing with its log if it
+/// exits or never listens.
+async fn wait_listening(api: &Api, graft: &mut ServeProcess, read_log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.get("/healthz").send().await.is_err() {
+        let exited = graft.0.try_wait().expect("poll graft");
+        assert!(
+            exited.is_none(),
+            "graft serve exited with {exited:?}:\n{}",
+            read_log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "graft serve never listened:\n{}",
+            read_log()
+        );
+        // Polling a port that is not open yet: there is no event to wait on.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn graft_serve_proxies_with_flags_and_exits_zero_on_sigterm() {
     let registry = Registry::start();
@@ -51,21 +72,7 @@ async fn graft_serve_proxies_with_flags_and_exits_zero_on_sigterm() {
     let read_log = || std::fs::read_to_string(work.path().join("graft.log")).unwrap_or_default();
 
     let api = Api::new(&format!("http://{listen}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api.get("/healthz").send().await.is_err() {
-        let exited = graft.0.try_wait().expect("poll graft");
-        assert!(
-            exited.is_none(),
-            "graft serve exited with {exited:?}:\n{}",
-            read_log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "graft serve never listened:\n{}",
-            read_log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_listening(&api, &mut graft, read_log).await;
 
     let image = TestImage::build(1);
     api.push_image("bin/app", "v1", &image).await;
@@ -157,13 +164,10 @@ async fn credentials_never_reach_the_logs_even_at_trace_level() {
             command.env_remove(key);
         }
     }
-    let _graft = ServeProcess(command.spawn().expect("spawn graft serve"));
+    let mut graft = ServeProcess(command.spawn().expect("spawn graft serve"));
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let api = Api::new(&format!("http://{listen}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while api.get("/healthz").send().await.is_err() {
-        assert!(Instant::now() < deadline, "graft did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_listening(&api, &mut graft, read_log).await;
     let alice = api.clone().with_basic_auth("alice", "pa55-w0rd-xyz");
     let image = TestImage::build(1);
     alice.push_image("app", "v1", &image).await;
@@ -172,8 +176,18 @@ async fn credentials_never_reach_the_logs_even_at_trace_level() {
     let wrong = api.clone().with_basic_auth("alice", "wrong-pa55-abc");
     let _ = Api::send(wrong.get("/v2/app/manifests/v1")).await;
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = std::fs::read_to_string(&log_path).expect("log");
+    // The access line of the last request is written once its body is out;
+    // everything before it is in the file by then.
+    let mut text = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        "the access line of the refused request",
+        || {
+            text = read_log();
+            text.lines()
+                .any(|l| l.contains("graft::access") && l.contains("\"status\":401"))
+        },
+    );
     assert!(text.contains("graft::access"), "the access log is there");
     for secret in [
         "pa55-w0rd-xyz",

@@ -244,7 +244,9 @@ async fn cache_gc_below_the_size_removes_the_least_recently_used_files() {
     let api = Api::for_graft(&graft);
     for d in &digests {
         api.get_blob("app", d).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Access times are kept to the millisecond: the next read must
+        // come in a later one for the order to be strict.
+        next_millisecond();
     }
     // Reading the oldest again makes it the most recently used; the read
     // is recorded in memory and written when graft stops.
@@ -370,4 +372,18 @@ async fn cache_commands_refuse_a_data_directory_a_running_graft_holds() {
         stderr(&out)
     );
     assert!(!nowhere.exists(), "stats created the directory");
+}
+
+/// Returns once the wall clock has moved on to another millisecond.
+fn next_millisecond() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis()
+    };
+    let start = now();
+    while now() == start {
+        std::hint::spin_loop();
+    }
 }
