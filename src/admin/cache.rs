@@ -203,14 +203,23 @@ pub fn verify(
     config: &Config,
     progress: &dyn Progress,
 ) -> Result<VerifySummary, CacheCommandError> {
+    let verified = verify_all(config, progress);
+    // On every path, errors included: a display must stop before the error
+    // is shown.
+    progress.finish(Outcome::Clear);
+    verified
+}
+
+fn verify_all(
+    config: &Config,
+    progress: &dyn Progress,
+) -> Result<VerifySummary, CacheCommandError> {
     let cache = open(config)?;
     let total = cache.stats()?.file_bytes;
     progress.message("verifying");
     progress.count(total, Unit::Bytes);
-    let report = cache.verify_each(|_, size| progress.advance(size));
-    // Also on errors: a display must stop before the error is shown.
-    progress.finish(Outcome::Clear);
-    Ok(VerifySummary(report?))
+    let report = cache.verify_each(|_, size| progress.advance(size))?;
+    Ok(VerifySummary(report))
 }
 
 impl fmt::Display for VerifySummary {
@@ -281,6 +290,27 @@ fn rfc3339(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Remembers whether it was finished.
+    #[derive(Default)]
+    struct Finished(std::sync::atomic::AtomicBool);
+
+    impl Progress for Finished {
+        fn finish(&self, _: Outcome<'_>) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn verify_finishes_its_progress_even_when_it_cannot_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.storage.data_dir = dir.path().join("missing");
+        let progress = Finished::default();
+        let e = verify(&config, &progress).expect_err("no data directory");
+        assert!(matches!(e, CacheCommandError::NoDataDir(_)), "{e}");
+        assert!(progress.0.load(std::sync::atomic::Ordering::Relaxed));
+    }
 
     #[test]
     fn times_are_rfc3339_utc() {

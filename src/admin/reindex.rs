@@ -111,6 +111,18 @@ pub async fn run(
     repos: &[RepoName],
     progress: &dyn Progress,
 ) -> Result<ReindexSummary, ReindexError> {
+    let ran = reindex(config, repos, progress).await;
+    // On every path, errors included: a display must stop before the error
+    // is shown.
+    progress.finish(Outcome::Clear);
+    ran
+}
+
+async fn reindex(
+    config: &Config,
+    repos: &[RepoName],
+    progress: &dyn Progress,
+) -> Result<ReindexSummary, ReindexError> {
     let index = Index::open(&config.storage.data_dir.join("index"))?;
     let upstream = Upstream::new(&config.upstream)?;
     let auth = crate::proxy::own_credentials(&config.upstream);
@@ -123,8 +135,6 @@ pub async fn run(
             .map_err(|e| ReindexError::Upstream(format!("credentials secret: {e}")))?,
     );
     let walked = walk(&referrers, &upstream, auth.as_ref(), repos, progress).await;
-    // Also on errors: a display must stop before the error is shown.
-    progress.finish(Outcome::Clear);
     referrers.index().flush().await?;
     walked
 }
