@@ -569,7 +569,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         Ok(b) if s.starts_with(|c: char| c.is_ascii_digit()) => b.as_u64(),
         _ => return Err(format!("`{s}` is not a size such as 4MiB or 4194304")),
     };
-    usize::try_from(bytes).map_err(|_| format!("`{s}` is too large"))
+    // bytesize saturates where the old parser refused.
+    usize::try_from(bytes)
+        .ok()
+        .filter(|_| bytes != u64::MAX)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn parse_duration_value(v: &toml::Value) -> Result<Duration, String> {
@@ -680,7 +684,7 @@ mod tests {
         ] {
             assert_eq!(parse_size(text), Ok(want), "{text}");
         }
-        for bad in ["4XB", "", "-1", "lots", "MiB"] {
+        for bad in ["4XB", "", "-1", "lots", "MiB", "99999999999999999999GiB"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         let value = |v: toml::Value| parse_size_value(&v);
