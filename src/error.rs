@@ -50,6 +50,9 @@ pub enum Error {
     UpstreamUnreachable(String),
     #[error("upstream registry did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    /// An upstream body graft reads itself went silent mid-way.
+    #[error("upstream registry stopped sending for {0:?}")]
+    UpstreamStalled(std::time::Duration),
     /// The upstream answered a request graft made on its own account (a
     /// fallback-tag read or write, a referrer check) with this status.
     #[error("upstream registry answered {status} to {what}")]
@@ -60,6 +63,10 @@ pub enum Error {
     UpstreamInvalid(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// graft cannot start (a bad TLS file, an unusable upstream URL): one
+    /// line for the operator, never a request's answer.
+    #[error("{0}")]
+    Startup(String),
 }
 
 impl Error {
@@ -75,9 +82,10 @@ impl Error {
             | Error::NotFound => Blame::Client,
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout(_)
+            | Error::UpstreamStalled(_)
             | Error::UpstreamRefused { .. }
             | Error::UpstreamInvalid(_) => Blame::Upstream,
-            Error::Overloaded | Error::Internal(_) => Blame::Internal,
+            Error::Overloaded | Error::Internal(_) | Error::Startup(_) => Blame::Internal,
         }
     }
 
@@ -96,7 +104,9 @@ impl Error {
             Error::UpstreamUnreachable(_) | Error::UpstreamInvalid(_) => {
                 (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
             }
-            Error::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+            Error::UpstreamTimeout(_) | Error::UpstreamStalled(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable)
+            }
             // The upstream's own no is passed on as a no; anything else it
             // refused is a bad gateway, not graft's 500.
             Error::UpstreamRefused { status, .. } => match *status {
@@ -105,7 +115,9 @@ impl Error {
                 StatusCode::TOO_MANY_REQUESTS => (*status, ErrorCode::TooManyRequests),
                 _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             },
-            Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+            Error::Internal(_) | Error::Startup(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
+            }
         }
     }
 
@@ -116,12 +128,22 @@ impl Error {
         match self {
             Error::UpstreamUnreachable(_) => "upstream registry unreachable".into(),
             Error::UpstreamTimeout(d) => format!("upstream registry did not answer within {d:?}"),
+            Error::UpstreamStalled(d) => format!("upstream registry stopped sending for {d:?}"),
             Error::UpstreamRefused { status, .. } => {
                 format!("upstream registry answered {}", status.as_u16())
             }
             Error::UpstreamInvalid(_) => "upstream registry sent an unusable answer".into(),
-            Error::Internal(_) => "internal error".into(),
-            other => other.to_string(),
+            Error::Internal(_) | Error::Startup(_) => "internal error".into(),
+            // Named one by one, so that a new variant has to decide here
+            // whether its text may reach a client.
+            Error::NameInvalid(_)
+            | Error::DigestInvalid(_)
+            | Error::ReferenceInvalid(_)
+            | Error::ManifestInvalid(_)
+            | Error::ManifestTooLarge { .. }
+            | Error::BadRequest(_)
+            | Error::NotFound
+            | Error::Overloaded => self.to_string(),
         }
     }
 
@@ -129,21 +151,23 @@ impl Error {
     /// id (the one place errors meet clients).
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.parts();
-        let request_id = crate::request_id::current();
+        // Outside a request scope an id is made up here, so the answer and
+        // the log line below still share one to quote.
+        let request_id = crate::request_id::current().unwrap_or_else(crate::request_id::next);
         match self.blame() {
             Blame::Internal => {
-                tracing::error!(error = %self, request_id = request_id.as_deref(), "internal error")
+                tracing::error!(error = %self, request_id = %request_id, "internal error")
             }
             Blame::Upstream => {
-                tracing::warn!(error = %self, request_id = request_id.as_deref(), "upstream failure")
+                tracing::warn!(error = %self, request_id = %request_id, "upstream failure")
             }
             Blame::Client => {
-                tracing::debug!(error = %self, request_id = request_id.as_deref(), "request refused")
+                tracing::debug!(error = %self, request_id = %request_id, "request refused")
             }
         }
-        let detail = match (self.blame(), request_id) {
-            (Blame::Client, _) | (_, None) => serde_json::Value::Null,
-            (_, Some(id)) => serde_json::json!({ "request_id": id }),
+        let detail = match self.blame() {
+            Blame::Client => serde_json::Value::Null,
+            Blame::Upstream | Blame::Internal => serde_json::json!({ "request_id": request_id }),
         };
         oci_error(status, code, &self.public_message(), detail)
     }

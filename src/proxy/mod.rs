@@ -128,7 +128,7 @@ impl Proxy {
 
         let bytes_in = Arc::new(AtomicU64::new(0));
         let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone())));
-        let route = Route::parse(&method, &path);
+        let route = Route::parse(&path);
         let kind = route.as_ref().map(Route::kind).unwrap_or("invalid");
         let mut outcome = Outcome::default();
         let resp = match route {
