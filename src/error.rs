@@ -257,4 +257,159 @@ mod tests {
             .is_some_and(|m| m.contains("sha256:zz")));
         assert!(json["errors"][0]["detail"].is_null());
     }
+
+    /// Every variant, with the status, code and blame it must answer with.
+    fn table() -> Vec<(Error, u16, &'static str, Blame)> {
+        use std::time::Duration;
+        let secret = "sled: /var/lib/graft/index/db: Connection refused (os error 111)";
+        vec![
+            (
+                Error::NameInvalid("A".into()),
+                400,
+                "NAME_INVALID",
+                Blame::Client,
+            ),
+            (
+                Error::DigestInvalid("x".into()),
+                400,
+                "DIGEST_INVALID",
+                Blame::Client,
+            ),
+            (
+                Error::ReferenceInvalid("-".into()),
+                400,
+                "MANIFEST_INVALID",
+                Blame::Client,
+            ),
+            (
+                Error::ManifestInvalid("y".into()),
+                400,
+                "MANIFEST_INVALID",
+                Blame::Client,
+            ),
+            (
+                Error::ManifestTooLarge { limit: 4 },
+                413,
+                "SIZE_INVALID",
+                Blame::Client,
+            ),
+            (
+                Error::BadRequest("z".into()),
+                400,
+                "UNSUPPORTED",
+                Blame::Client,
+            ),
+            (Error::NotFound, 404, "UNSUPPORTED", Blame::Client),
+            (Error::Overloaded, 503, "UNAVAILABLE", Blame::Internal),
+            (
+                Error::UpstreamUnreachable(secret.into()),
+                502,
+                "UNAVAILABLE",
+                Blame::Upstream,
+            ),
+            (
+                Error::UpstreamTimeout(Duration::from_secs(5)),
+                504,
+                "UNAVAILABLE",
+                Blame::Upstream,
+            ),
+            (
+                Error::UpstreamStalled(Duration::from_secs(5)),
+                504,
+                "UNAVAILABLE",
+                Blame::Upstream,
+            ),
+            (
+                Error::UpstreamRefused {
+                    status: StatusCode::UNAUTHORIZED,
+                    what: secret.into(),
+                },
+                401,
+                "UNAUTHORIZED",
+                Blame::Upstream,
+            ),
+            (
+                Error::UpstreamRefused {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    what: secret.into(),
+                },
+                429,
+                "TOOMANYREQUESTS",
+                Blame::Upstream,
+            ),
+            (
+                Error::UpstreamRefused {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    what: secret.into(),
+                },
+                502,
+                "UNAVAILABLE",
+                Blame::Upstream,
+            ),
+            (
+                Error::UpstreamInvalid(secret.into()),
+                502,
+                "UNAVAILABLE",
+                Blame::Upstream,
+            ),
+            (
+                Error::Internal(secret.into()),
+                500,
+                "UNKNOWN",
+                Blame::Internal,
+            ),
+            (
+                Error::Startup(secret.into()),
+                500,
+                "UNKNOWN",
+                Blame::Internal,
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_error_answers_with_its_blame_s_status_and_code() {
+        for (e, status, code, blame) in table() {
+            let what = format!("{e:?}");
+            assert_eq!(e.blame(), blame, "{what}");
+            let (got, json) = body_of(e).await;
+            assert_eq!(got.as_u16(), status, "{what}");
+            assert_eq!(json["errors"][0]["code"], code, "{what}");
+            assert!(json["errors"][0]["message"].is_string(), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_upstream_or_internal_cause_reaches_the_body() {
+        for (e, _, _, blame) in table() {
+            if blame == Blame::Client {
+                continue;
+            }
+            let what = format!("{e:?}");
+            let (_, json) = body_of(e).await;
+            let text = json.to_string();
+            for leak in ["sled", "/var/lib", "os error", "refused"] {
+                assert!(!text.contains(leak), "{what} leaked `{leak}`: {text}");
+            }
+            assert_eq!(json["errors"][0]["detail"]["request_id"], "req-1", "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn outside_a_request_scope_an_upstream_error_still_carries_an_id() {
+        let resp = Error::UpstreamUnreachable("x".into()).into_response();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let id = json["errors"][0]["detail"]["request_id"].as_str();
+        assert!(id.is_some_and(|id| !id.is_empty()), "{json}");
+    }
+
+    #[test]
+    fn a_startup_error_reads_as_its_own_line() {
+        let e = Error::Startup("upstream.ca_file /etc/ca.pem: no PEM certificates found".into());
+        assert_eq!(
+            e.to_string(),
+            "upstream.ca_file /etc/ca.pem: no PEM certificates found"
+        );
+    }
 }

@@ -577,4 +577,121 @@ mod tests {
             None
         );
     }
+
+    #[test]
+    fn each_upstream_failure_becomes_the_error_of_whoever_caused_it() {
+        use crate::error::Blame;
+        let d = Duration::from_secs(1);
+        let cases = [
+            (
+                UpstreamError::Unreachable("refused".into()),
+                Blame::Upstream,
+            ),
+            (UpstreamError::Timeout(d), Blame::Upstream),
+            (UpstreamError::BodyStalled(d), Blame::Upstream),
+            (UpstreamError::BodyTooLarge { limit: 1 }, Blame::Upstream),
+            (UpstreamError::BodyCut("reset".into()), Blame::Upstream),
+            (
+                UpstreamError::Invalid("bad redirect".into()),
+                Blame::Upstream,
+            ),
+            (UpstreamError::Request("bad uri".into()), Blame::Internal),
+        ];
+        for (e, blame) in cases {
+            let what = format!("{e:?}");
+            assert_eq!(Error::from(e).blame(), blame, "{what}");
+        }
+        assert!(matches!(
+            Error::from(UpstreamError::BodyStalled(d)),
+            Error::UpstreamStalled(_)
+        ));
+        assert!(matches!(
+            Error::from(UpstreamError::BodyTooLarge { limit: 1 }),
+            Error::UpstreamInvalid(_)
+        ));
+        assert!(!UpstreamError::Request("x".into()).is_outage());
+        assert!(UpstreamError::Timeout(d).is_outage());
+    }
+
+    #[test]
+    fn a_client_path_that_cannot_be_forwarded_is_the_client_s_error() {
+        let up =
+            Upstream::new(&crate::config::Config::default().upstream).expect("default upstream");
+        let e = up.uri("/v2/a b").expect_err("a space is not a URI");
+        assert!(matches!(e, Error::BadRequest(_)), "{e:?}");
+        assert!(!e.to_string().contains("invalid uri"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_ca_file_stops_startup_with_one_line_naming_it() {
+        let mut cfg = crate::config::Config::default().upstream;
+        cfg.ca_file = Some("/nonexistent/graft-ca.pem".into());
+        let e = Upstream::new(&cfg).err().expect("startup refused");
+        assert!(matches!(e, Error::Startup(_)), "{e:?}");
+        let line = e.to_string();
+        assert!(
+            line.starts_with("upstream.ca_file /nonexistent/graft-ca.pem: cannot open it"),
+            "{line}"
+        );
+        assert!(!line.contains("internal error"), "{line}");
+    }
+
+    mod bounded_reads {
+        use super::super::*;
+        use futures_util::stream::{self, StreamExt};
+        use http_body::Frame;
+        use http_body_util::StreamBody;
+
+        type Item = Result<Frame<Bytes>, body::BoxError>;
+
+        fn chunk(s: &'static str) -> Item {
+            Ok(Frame::data(Bytes::from_static(s.as_bytes())))
+        }
+
+        #[tokio::test]
+        async fn a_body_that_goes_silent_is_given_up_on() {
+            let silent = stream::iter([chunk("{")]).chain(stream::pending::<Item>());
+            let got = body::collect_limited(
+                StreamBody::new(silent),
+                1024,
+                Some(Duration::from_millis(50)),
+            )
+            .await;
+            assert!(matches!(got, Err(CollectError::Stalled(_))), "{got:?}");
+        }
+
+        #[tokio::test]
+        async fn a_slow_body_that_keeps_moving_completes() {
+            // Four gaps of 350 ms: longer in total than the 1 s idle bound,
+            // each well inside it.
+            let slow = stream::iter(["a", "b", "c", "d", "e"]).then(|s| async move {
+                if s != "a" {
+                    tokio::time::sleep(Duration::from_millis(350)).await;
+                }
+                chunk(s)
+            });
+            let got =
+                body::collect_limited(StreamBody::new(slow), 1024, Some(Duration::from_secs(1)))
+                    .await
+                    .expect("a moving body is read to its end");
+            assert_eq!(&got[..], b"abcde");
+        }
+
+        #[tokio::test]
+        async fn a_body_past_the_limit_is_refused() {
+            let big = stream::iter([chunk("0123"), chunk("4567")]);
+            let got = body::collect_limited(StreamBody::new(big), 6, None).await;
+            assert!(matches!(got, Err(CollectError::TooLarge)), "{got:?}");
+            let announced = body::full(Bytes::from_static(b"0123456789"));
+            let got = body::collect_limited(announced, 6, None).await;
+            assert!(matches!(got, Err(CollectError::TooLarge)), "{got:?}");
+        }
+
+        #[tokio::test]
+        async fn a_cut_body_is_broken_not_short() {
+            let cut = stream::iter([chunk("{"), Err("connection reset".into())]);
+            let got = body::collect_limited(StreamBody::new(cut), 1024, None).await;
+            assert!(matches!(got, Err(CollectError::Broken(_))), "{got:?}");
+        }
+    }
 }
