@@ -258,112 +258,81 @@ mod tests {
         assert!(json["errors"][0]["detail"].is_null());
     }
 
+    /// What an upstream or internal cause may say: text that must never
+    /// reach a client.
+    const SECRET: &str = "sled: /var/lib/graft/index/db: Connection refused (os error 111)";
+
+    fn refused(status: StatusCode) -> Error {
+        Error::UpstreamRefused {
+            status,
+            what: SECRET.into(),
+        }
+    }
+
     /// Every variant, with the status, code and blame it must answer with.
     fn table() -> Vec<(Error, u16, &'static str, Blame)> {
         use std::time::Duration;
-        let secret = "sled: /var/lib/graft/index/db: Connection refused (os error 111)";
+        use Blame::{Client, Internal, Upstream};
+        let d = Duration::from_secs(5);
+        let s = || SECRET.to_string();
         vec![
-            (
-                Error::NameInvalid("A".into()),
-                400,
-                "NAME_INVALID",
-                Blame::Client,
-            ),
+            (Error::NameInvalid("A".into()), 400, "NAME_INVALID", Client),
             (
                 Error::DigestInvalid("x".into()),
                 400,
                 "DIGEST_INVALID",
-                Blame::Client,
+                Client,
             ),
             (
                 Error::ReferenceInvalid("-".into()),
                 400,
                 "MANIFEST_INVALID",
-                Blame::Client,
+                Client,
             ),
             (
                 Error::ManifestInvalid("y".into()),
                 400,
                 "MANIFEST_INVALID",
-                Blame::Client,
+                Client,
             ),
             (
                 Error::ManifestTooLarge { limit: 4 },
                 413,
                 "SIZE_INVALID",
-                Blame::Client,
+                Client,
             ),
+            (Error::BadRequest("z".into()), 400, "UNSUPPORTED", Client),
+            (Error::NotFound, 404, "UNSUPPORTED", Client),
+            (Error::Overloaded, 503, "UNAVAILABLE", Internal),
             (
-                Error::BadRequest("z".into()),
-                400,
-                "UNSUPPORTED",
-                Blame::Client,
-            ),
-            (Error::NotFound, 404, "UNSUPPORTED", Blame::Client),
-            (Error::Overloaded, 503, "UNAVAILABLE", Blame::Internal),
-            (
-                Error::UpstreamUnreachable(secret.into()),
+                Error::UpstreamUnreachable(s()),
                 502,
                 "UNAVAILABLE",
-                Blame::Upstream,
+                Upstream,
             ),
+            (Error::UpstreamTimeout(d), 504, "UNAVAILABLE", Upstream),
+            (Error::UpstreamStalled(d), 504, "UNAVAILABLE", Upstream),
             (
-                Error::UpstreamTimeout(Duration::from_secs(5)),
-                504,
-                "UNAVAILABLE",
-                Blame::Upstream,
-            ),
-            (
-                Error::UpstreamStalled(Duration::from_secs(5)),
-                504,
-                "UNAVAILABLE",
-                Blame::Upstream,
-            ),
-            (
-                Error::UpstreamRefused {
-                    status: StatusCode::UNAUTHORIZED,
-                    what: secret.into(),
-                },
+                refused(StatusCode::UNAUTHORIZED),
                 401,
                 "UNAUTHORIZED",
-                Blame::Upstream,
+                Upstream,
             ),
             (
-                Error::UpstreamRefused {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    what: secret.into(),
-                },
+                refused(StatusCode::TOO_MANY_REQUESTS),
                 429,
                 "TOOMANYREQUESTS",
-                Blame::Upstream,
+                Upstream,
             ),
             (
-                Error::UpstreamRefused {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    what: secret.into(),
-                },
+                refused(StatusCode::INTERNAL_SERVER_ERROR),
                 502,
                 "UNAVAILABLE",
-                Blame::Upstream,
+                Upstream,
             ),
-            (
-                Error::UpstreamInvalid(secret.into()),
-                502,
-                "UNAVAILABLE",
-                Blame::Upstream,
-            ),
-            (
-                Error::Internal(secret.into()),
-                500,
-                "UNKNOWN",
-                Blame::Internal,
-            ),
-            (
-                Error::Startup(secret.into()),
-                500,
-                "UNKNOWN",
-                Blame::Internal,
-            ),
+            (Error::UpstreamInvalid(s()), 502, "UNAVAILABLE", Upstream),
+            (Error::Internal(s()), 500, "UNKNOWN", Internal),
+            (Error::Startup(s()), 500, "UNKNOWN", Internal),
         ]
     }
 
