@@ -195,13 +195,13 @@ pub fn oci_error(
 
 impl From<crate::oci::digest::InvalidDigest> for Error {
     fn from(e: crate::oci::digest::InvalidDigest) -> Self {
-        Error::DigestInvalid(e.0)
+        Error::DigestInvalid(e.into_input())
     }
 }
 
 impl From<crate::oci::name::InvalidName> for Error {
     fn from(e: crate::oci::name::InvalidName) -> Self {
-        Error::NameInvalid(e.0)
+        Error::NameInvalid(e.into_input())
     }
 }
 

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::oci::{Digest, Reference, RepoName};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Health,
     Ready,
     Metrics,
@@ -47,7 +47,7 @@ pub enum Route {
 
 impl Route {
     /// A short label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Route::Health => "healthz",
             Route::Ready => "readyz",
@@ -68,7 +68,7 @@ impl Route {
     /// path tricks (`.`/`..` segments, empty segments) are refused here.
     /// The method does not enter into it: every method of a path goes to
     /// the same handler, which decides what it does with it.
-    pub fn parse(path: &str) -> Result<Route, Error> {
+    pub(crate) fn parse(path: &str) -> Result<Route, Error> {
         match path {
             "/healthz" => return Ok(Route::Health),
             "/readyz" => return Ok(Route::Ready),

@@ -96,14 +96,20 @@ impl From<UpstreamError> for Error {
 /// Where the client reached graft, for rewriting URLs back to it.
 #[derive(Clone, Debug)]
 pub struct ClientSide {
-    pub peer: SocketAddr,
+    peer: SocketAddr,
     /// `http` or `https`.
-    pub scheme: &'static str,
+    scheme: &'static str,
     /// The `Host` the client used (or HTTP/2 `:authority`).
-    pub host: Option<String>,
+    host: Option<String>,
 }
 
 impl ClientSide {
+    /// `scheme` is `http` or `https`; `host` is the client's `Host` (or
+    /// HTTP/2 `:authority`).
+    pub fn new(peer: SocketAddr, scheme: &'static str, host: Option<String>) -> ClientSide {
+        ClientSide { peer, scheme, host }
+    }
+
     fn origin(&self) -> Option<String> {
         self.host.as_ref().map(|h| format!("{}://{h}", self.scheme))
     }
@@ -328,7 +334,7 @@ fn classify(e: &hyper_util::client::legacy::Error, limit: Duration) -> UpstreamE
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including any the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -395,7 +401,7 @@ fn strip_origin<'a>(url: &'a str, origin: &str) -> Option<&'a str> {
 
 /// The upstream's "no" to the credentials it was given (as opposed to an
 /// outage, or "not here").
-pub fn is_denial(status: http::StatusCode) -> bool {
+pub(crate) fn is_denial(status: http::StatusCode) -> bool {
     status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN
 }
 
