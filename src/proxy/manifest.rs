@@ -112,9 +112,9 @@ async fn read_manifest(
     match body::collect_limited(body, limit, None).await {
         Ok(bytes) => Ok((parts, bytes)),
         Err(CollectError::TooLarge) => Err(Error::ManifestTooLarge { limit }),
-        Err(CollectError::Stalled(_) | CollectError::Broken(_)) => Err(Error::BadRequest(
-            "the manifest body ended before its end".into(),
-        )),
+        Err(CollectError::Stalled(_) | CollectError::Broken(_)) => {
+            Err(Error::BadRequest("the manifest body was cut short".into()))
+        }
     }
 }
 
