@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::index::Index;
 use crate::metrics::{self, Metrics};
 use crate::oci::{Digest, RepoName};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::Upstream;
 
 /// The upstream's answer for this client, or what stands in for it.
 pub enum Decision {
@@ -200,9 +200,8 @@ impl AccessCache {
                 }
                 Decision::Denied
             }
-            Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::Timeout(_))) => {
-                offline(e.into())
-            }
+            Err(e) if e.is_outage() => offline(e.into()),
+            Err(e) => Decision::Unreachable(e.into()),
         }
     }
 }

@@ -140,15 +140,45 @@ impl<F: FnOnce(u64, bool)> Drop for OnDone<F> {
 /// Why [`collect_limited`] gave up.
 #[derive(Debug)]
 pub enum CollectError {
+    /// More than the limit arrived (or was announced).
     TooLarge,
+    /// No frame arrived for this long.
+    Stalled(std::time::Duration),
+    /// The body ended in an error (a cut connection, a bad chunk).
     Broken(BoxError),
 }
 
-/// Reads a whole body of at most `limit` bytes (manifests, never blobs).
-pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, CollectError> {
+/// Reads a whole body of at most `limit` bytes (manifests and indexes,
+/// never blobs): the one bounded reader for client and upstream bodies.
+/// With `idle`, a body that stays silent that long between frames is given
+/// up on; it is an idle bound, not a total deadline, so a slow body that
+/// keeps moving still completes.
+pub async fn collect_limited<B>(
+    body: B,
+    limit: usize,
+    idle: Option<std::time::Duration>,
+) -> Result<Bytes, CollectError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(CollectError::TooLarge);
+    }
+    let mut body = std::pin::pin!(body);
     let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(CollectError::Broken)?;
+    loop {
+        let next = body.frame();
+        let frame = match idle {
+            Some(d) => tokio::time::timeout(d, next)
+                .await
+                .map_err(|_| CollectError::Stalled(d))?,
+            None => next.await,
+        };
+        let Some(frame) = frame else {
+            return Ok(buf.freeze());
+        };
+        let frame = frame.map_err(|e| CollectError::Broken(e.into()))?;
         if let Some(data) = frame.data_ref() {
             if buf.len() + data.len() > limit {
                 return Err(CollectError::TooLarge);
@@ -156,5 +186,4 @@ pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, Coll
             buf.extend_from_slice(data);
         }
     }
-    Ok(buf.freeze())
 }

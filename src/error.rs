@@ -50,6 +50,9 @@ pub enum Error {
     UpstreamUnreachable(String),
     #[error("upstream registry did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    /// An upstream body graft reads itself went silent mid-way.
+    #[error("upstream registry stopped sending for {0:?}")]
+    UpstreamStalled(std::time::Duration),
     /// The upstream answered a request graft made on its own account (a
     /// fallback-tag read or write, a referrer check) with this status.
     #[error("upstream registry answered {status} to {what}")]
@@ -60,6 +63,10 @@ pub enum Error {
     UpstreamInvalid(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// graft cannot start (a bad TLS file, an unusable upstream URL): one
+    /// line for the operator, never a request's answer.
+    #[error("{0}")]
+    Startup(String),
 }
 
 impl Error {
@@ -75,9 +82,10 @@ impl Error {
             | Error::NotFound => Blame::Client,
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout(_)
+            | Error::UpstreamStalled(_)
             | Error::UpstreamRefused { .. }
             | Error::UpstreamInvalid(_) => Blame::Upstream,
-            Error::Overloaded | Error::Internal(_) => Blame::Internal,
+            Error::Overloaded | Error::Internal(_) | Error::Startup(_) => Blame::Internal,
         }
     }
 
@@ -96,7 +104,9 @@ impl Error {
             Error::UpstreamUnreachable(_) | Error::UpstreamInvalid(_) => {
                 (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
             }
-            Error::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+            Error::UpstreamTimeout(_) | Error::UpstreamStalled(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable)
+            }
             // The upstream's own no is passed on as a no; anything else it
             // refused is a bad gateway, not graft's 500.
             Error::UpstreamRefused { status, .. } => match *status {
@@ -105,7 +115,9 @@ impl Error {
                 StatusCode::TOO_MANY_REQUESTS => (*status, ErrorCode::TooManyRequests),
                 _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             },
-            Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+            Error::Internal(_) | Error::Startup(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
+            }
         }
     }
 
@@ -116,12 +128,22 @@ impl Error {
         match self {
             Error::UpstreamUnreachable(_) => "upstream registry unreachable".into(),
             Error::UpstreamTimeout(d) => format!("upstream registry did not answer within {d:?}"),
+            Error::UpstreamStalled(d) => format!("upstream registry stopped sending for {d:?}"),
             Error::UpstreamRefused { status, .. } => {
                 format!("upstream registry answered {}", status.as_u16())
             }
             Error::UpstreamInvalid(_) => "upstream registry sent an unusable answer".into(),
-            Error::Internal(_) => "internal error".into(),
-            other => other.to_string(),
+            Error::Internal(_) | Error::Startup(_) => "internal error".into(),
+            // Named one by one, so that a new variant has to decide here
+            // whether its text may reach a client.
+            Error::NameInvalid(_)
+            | Error::DigestInvalid(_)
+            | Error::ReferenceInvalid(_)
+            | Error::ManifestInvalid(_)
+            | Error::ManifestTooLarge { .. }
+            | Error::BadRequest(_)
+            | Error::NotFound
+            | Error::Overloaded => self.to_string(),
         }
     }
 
@@ -129,21 +151,23 @@ impl Error {
     /// id (the one place errors meet clients).
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.parts();
-        let request_id = crate::request_id::current();
+        // Outside a request scope an id is made up here, so the answer and
+        // the log line below still share one to quote.
+        let request_id = crate::request_id::current().unwrap_or_else(crate::request_id::next);
         match self.blame() {
             Blame::Internal => {
-                tracing::error!(error = %self, request_id = request_id.as_deref(), "internal error")
+                tracing::error!(error = %self, request_id = %request_id, "internal error")
             }
             Blame::Upstream => {
-                tracing::warn!(error = %self, request_id = request_id.as_deref(), "upstream failure")
+                tracing::warn!(error = %self, request_id = %request_id, "upstream failure")
             }
             Blame::Client => {
-                tracing::debug!(error = %self, request_id = request_id.as_deref(), "request refused")
+                tracing::debug!(error = %self, request_id = %request_id, "request refused")
             }
         }
-        let detail = match (self.blame(), request_id) {
-            (Blame::Client, _) | (_, None) => serde_json::Value::Null,
-            (_, Some(id)) => serde_json::json!({ "request_id": id }),
+        let detail = match self.blame() {
+            Blame::Client => serde_json::Value::Null,
+            Blame::Upstream | Blame::Internal => serde_json::json!({ "request_id": request_id }),
         };
         oci_error(status, code, &self.public_message(), detail)
     }
@@ -171,13 +195,13 @@ pub fn oci_error(
 
 impl From<crate::oci::digest::InvalidDigest> for Error {
     fn from(e: crate::oci::digest::InvalidDigest) -> Self {
-        Error::DigestInvalid(e.0)
+        Error::DigestInvalid(e.into_input())
     }
 }
 
 impl From<crate::oci::name::InvalidName> for Error {
     fn from(e: crate::oci::name::InvalidName) -> Self {
-        Error::NameInvalid(e.0)
+        Error::NameInvalid(e.into_input())
     }
 }
 
@@ -232,5 +256,129 @@ mod tests {
             .as_str()
             .is_some_and(|m| m.contains("sha256:zz")));
         assert!(json["errors"][0]["detail"].is_null());
+    }
+
+    /// What an upstream or internal cause may say: text that must never
+    /// reach a client.
+    const SECRET: &str = "sled: /var/lib/graft/index/db: Connection refused (os error 111)";
+
+    fn refused(status: StatusCode) -> Error {
+        Error::UpstreamRefused {
+            status,
+            what: SECRET.into(),
+        }
+    }
+
+    /// Every variant, with the status, code and blame it must answer with.
+    fn table() -> Vec<(Error, u16, &'static str, Blame)> {
+        use std::time::Duration;
+        use Blame::{Client, Internal, Upstream};
+        let d = Duration::from_secs(5);
+        let s = || SECRET.to_string();
+        vec![
+            (Error::NameInvalid("A".into()), 400, "NAME_INVALID", Client),
+            (
+                Error::DigestInvalid("x".into()),
+                400,
+                "DIGEST_INVALID",
+                Client,
+            ),
+            (
+                Error::ReferenceInvalid("-".into()),
+                400,
+                "MANIFEST_INVALID",
+                Client,
+            ),
+            (
+                Error::ManifestInvalid("y".into()),
+                400,
+                "MANIFEST_INVALID",
+                Client,
+            ),
+            (
+                Error::ManifestTooLarge { limit: 4 },
+                413,
+                "SIZE_INVALID",
+                Client,
+            ),
+            (Error::BadRequest("z".into()), 400, "UNSUPPORTED", Client),
+            (Error::NotFound, 404, "UNSUPPORTED", Client),
+            (Error::Overloaded, 503, "UNAVAILABLE", Internal),
+            (
+                Error::UpstreamUnreachable(s()),
+                502,
+                "UNAVAILABLE",
+                Upstream,
+            ),
+            (Error::UpstreamTimeout(d), 504, "UNAVAILABLE", Upstream),
+            (Error::UpstreamStalled(d), 504, "UNAVAILABLE", Upstream),
+            (
+                refused(StatusCode::UNAUTHORIZED),
+                401,
+                "UNAUTHORIZED",
+                Upstream,
+            ),
+            (
+                refused(StatusCode::TOO_MANY_REQUESTS),
+                429,
+                "TOOMANYREQUESTS",
+                Upstream,
+            ),
+            (
+                refused(StatusCode::INTERNAL_SERVER_ERROR),
+                502,
+                "UNAVAILABLE",
+                Upstream,
+            ),
+            (Error::UpstreamInvalid(s()), 502, "UNAVAILABLE", Upstream),
+            (Error::Internal(s()), 500, "UNKNOWN", Internal),
+            (Error::Startup(s()), 500, "UNKNOWN", Internal),
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_error_answers_with_its_blame_s_status_and_code() {
+        for (e, status, code, blame) in table() {
+            let what = format!("{e:?}");
+            assert_eq!(e.blame(), blame, "{what}");
+            let (got, json) = body_of(e).await;
+            assert_eq!(got.as_u16(), status, "{what}");
+            assert_eq!(json["errors"][0]["code"], code, "{what}");
+            assert!(json["errors"][0]["message"].is_string(), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_upstream_or_internal_cause_reaches_the_body() {
+        for (e, _, _, blame) in table() {
+            if blame == Blame::Client {
+                continue;
+            }
+            let what = format!("{e:?}");
+            let (_, json) = body_of(e).await;
+            let text = json.to_string();
+            for leak in ["sled", "/var/lib", "os error", "refused"] {
+                assert!(!text.contains(leak), "{what} leaked `{leak}`: {text}");
+            }
+            assert_eq!(json["errors"][0]["detail"]["request_id"], "req-1", "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn outside_a_request_scope_an_upstream_error_still_carries_an_id() {
+        let resp = Error::UpstreamUnreachable("x".into()).into_response();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let id = json["errors"][0]["detail"]["request_id"].as_str();
+        assert!(id.is_some_and(|id| !id.is_empty()), "{json}");
+    }
+
+    #[test]
+    fn a_startup_error_reads_as_its_own_line() {
+        let e = Error::Startup("upstream.ca_file /etc/ca.pem: no PEM certificates found".into());
+        assert_eq!(
+            e.to_string(),
+            "upstream.ca_file /etc/ca.pem: no PEM certificates found"
+        );
     }
 }

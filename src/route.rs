@@ -1,15 +1,14 @@
-//! Which request is which: `Route::parse(method, path)` names the endpoint
+//! Which request is which: `Route::parse(path)` names the endpoint
 //! of the distribution spec ("Endpoints" table) a request is for, validating
 //! names and digests on the way so handlers receive only well-formed ones.
 
-use http::Method;
 use percent_encoding::percent_decode_str;
 
 use crate::error::Error;
 use crate::oci::{Digest, Reference, RepoName};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Health,
     Ready,
     Metrics,
@@ -48,7 +47,7 @@ pub enum Route {
 
 impl Route {
     /// A short label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Route::Health => "healthz",
             Route::Ready => "readyz",
@@ -67,7 +66,9 @@ impl Route {
 
     /// Parses a request path (without query). Malformed names, digests and
     /// path tricks (`.`/`..` segments, empty segments) are refused here.
-    pub fn parse(method: &Method, path: &str) -> Result<Route, Error> {
+    /// The method does not enter into it: every method of a path goes to
+    /// the same handler, which decides what it does with it.
+    pub(crate) fn parse(path: &str) -> Result<Route, Error> {
         match path {
             "/healthz" => return Ok(Route::Health),
             "/readyz" => return Ok(Route::Ready),
@@ -80,75 +81,101 @@ impl Route {
             return Ok(Route::NotFound);
         };
         let segs: Vec<&str> = rest.split('/').collect();
-        // Dot segments would be normalised away by some upstreams and HTTP
-        // stacks, letting `/v2/a/../b` reach a repository the path does not
-        // name. Nothing legitimate has them.
-        if segs.iter().any(|s| {
-            let d = percent_decode_str(s).decode_utf8_lossy();
-            d == "." || d == ".."
-        }) {
-            return Err(Error::NameInvalid(format!(
-                "path `{path}` has dot segments"
-            )));
+        refuse_dot_segments(path, &segs)?;
+        if let Some(route) = upload(&segs)? {
+            return Ok(route);
         }
-        let n = segs.len();
-        let tail = |k: usize| &segs[n - k..];
-        let name_of = |k: usize| -> Result<RepoName, Error> {
-            Ok(RepoName::parse(&segs[..n - k].join("/"))?)
-        };
-        let decoded = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-
-        if n >= 4 && tail(3)[..2] == ["blobs", "uploads"] {
-            let name = name_of(3)?;
-            let id = tail(1)[0];
-            if id.is_empty() {
-                return Ok(Route::UploadStart { name });
-            }
-            if !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
-            {
-                return Err(Error::BadRequest(format!("invalid upload id `{id}`")));
-            }
-            return Ok(Route::Upload {
-                name,
-                id: id.to_string(),
-            });
-        }
-        if n >= 3 {
-            let (kind, last) = (tail(2)[0], tail(2)[1]);
-            match kind {
-                "manifests" => {
-                    let name = name_of(2)?;
-                    let raw = decoded(last);
-                    let reference = Reference::parse(&raw).ok_or_else(|| {
-                        if raw.contains(':') {
-                            Error::DigestInvalid(raw.clone())
-                        } else {
-                            Error::ReferenceInvalid(raw.clone())
-                        }
-                    })?;
-                    return Ok(Route::Manifest { name, reference });
-                }
-                "blobs" => {
-                    let name = name_of(2)?;
-                    let digest = decoded(last).parse()?;
-                    return Ok(Route::Blob { name, digest });
-                }
-                "referrers" => {
-                    let name = name_of(2)?;
-                    let digest = decoded(last).parse()?;
-                    return Ok(Route::Referrers { name, digest });
-                }
-                "tags" if last == "list" => {
-                    return Ok(Route::TagsList { name: name_of(2)? });
-                }
-                _ => {}
-            }
-        }
-        let _ = method;
-        Ok(Route::OtherV2)
+        Ok(under_name(&segs)?.unwrap_or(Route::OtherV2))
     }
+}
+
+/// Dot segments would be normalised away by some upstreams and HTTP stacks,
+/// letting `/v2/a/../b` reach a repository the path does not name. Nothing
+/// legitimate has them.
+fn refuse_dot_segments(path: &str, segs: &[&str]) -> Result<(), Error> {
+    let dotted = segs.iter().any(|s| {
+        let d = percent_decode_str(s).decode_utf8_lossy();
+        d == "." || d == ".."
+    });
+    if dotted {
+        return Err(Error::NameInvalid(format!(
+            "path `{path}` has dot segments"
+        )));
+    }
+    Ok(())
+}
+
+/// The repository name: every segment before the last `k`.
+fn name_before(segs: &[&str], k: usize) -> Result<RepoName, Error> {
+    Ok(RepoName::parse(&segs[..segs.len() - k].join("/"))?)
+}
+
+fn decoded(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+/// `<name>/blobs/uploads/` and `<name>/blobs/uploads/<id>`.
+fn upload(segs: &[&str]) -> Result<Option<Route>, Error> {
+    let n = segs.len();
+    if n < 4 || segs[n - 3..n - 1] != ["blobs", "uploads"] {
+        return Ok(None);
+    }
+    let name = name_before(segs, 3)?;
+    let id = segs[n - 1];
+    if id.is_empty() {
+        return Ok(Some(Route::UploadStart { name }));
+    }
+    let well_formed = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='));
+    if !well_formed {
+        return Err(Error::BadRequest(format!("invalid upload id `{id}`")));
+    }
+    Ok(Some(Route::Upload {
+        name,
+        id: id.to_string(),
+    }))
+}
+
+/// `<name>/manifests/<ref>`, `<name>/blobs/<digest>`,
+/// `<name>/referrers/<digest>` and `<name>/tags/list`.
+fn under_name(segs: &[&str]) -> Result<Option<Route>, Error> {
+    let n = segs.len();
+    if n < 3 {
+        return Ok(None);
+    }
+    let (kind, last) = (segs[n - 2], segs[n - 1]);
+    let route = match kind {
+        "manifests" => Route::Manifest {
+            name: name_before(segs, 2)?,
+            reference: reference(&decoded(last))?,
+        },
+        "blobs" => Route::Blob {
+            name: name_before(segs, 2)?,
+            digest: decoded(last).parse()?,
+        },
+        "referrers" => Route::Referrers {
+            name: name_before(segs, 2)?,
+            digest: decoded(last).parse()?,
+        },
+        "tags" if last == "list" => Route::TagsList {
+            name: name_before(segs, 2)?,
+        },
+        _ => return Ok(None),
+    };
+    Ok(Some(route))
+}
+
+/// A tag or a digest; something with a `:` was meant as a digest and is
+/// refused as one.
+fn reference(raw: &str) -> Result<Reference, Error> {
+    Reference::parse(raw).ok_or_else(|| {
+        if raw.contains(':') {
+            Error::DigestInvalid(raw.to_string())
+        } else {
+            Error::ReferenceInvalid(raw.to_string())
+        }
+    })
 }
 
 #[cfg(test)]
@@ -156,7 +183,7 @@ mod tests {
     use super::*;
 
     fn parse(path: &str) -> Result<Route, Error> {
-        Route::parse(&Method::GET, path)
+        Route::parse(path)
     }
 
     const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";

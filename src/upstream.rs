@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, CollectError};
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 
@@ -33,13 +32,51 @@ pub struct Upstream {
     body_timeout: Duration,
 }
 
-/// A failure to get a response head from the upstream.
+/// Why a request graft sent upstream got no usable answer. The head phase
+/// ([`Unreachable`](Self::Unreachable), [`Timeout`](Self::Timeout)) and the
+/// bounded body reads of [`Upstream::read_limited`] fail apart, so a log
+/// line says which it was; [`Request`](Self::Request) is graft's own
+/// failure, never the upstream's.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    /// No connection, or it broke before the response head (refused, reset,
+    /// DNS, TLS).
     #[error("{0}")]
     Unreachable(String),
+    /// No response head within `upstream.response_timeout`.
     #[error("no response within {0:?}")]
     Timeout(Duration),
+    /// The body went silent for longer than `upstream.body_timeout`.
+    #[error("the response body stalled for {0:?}")]
+    BodyStalled(Duration),
+    /// The body was longer than the reader's bound.
+    #[error("the response body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// The body ended in an error before its end.
+    #[error("the response body was cut: {0}")]
+    BodyCut(String),
+    /// The upstream pointed graft at something it cannot request (a
+    /// redirect target that is not a URL).
+    #[error("{0}")]
+    Invalid(String),
+    /// graft could not build its own request (a bug, not an outage).
+    #[error("building the upstream request: {0}")]
+    Request(String),
+}
+
+impl UpstreamError {
+    /// Whether the upstream could not be heard from (as opposed to graft's
+    /// own failure, or an answer it could not use): the case where a
+    /// remembered answer may stand in.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Unreachable(_)
+                | UpstreamError::Timeout(_)
+                | UpstreamError::BodyStalled(_)
+                | UpstreamError::BodyCut(_)
+        )
+    }
 }
 
 impl From<UpstreamError> for Error {
@@ -47,6 +84,11 @@ impl From<UpstreamError> for Error {
         match e {
             UpstreamError::Unreachable(m) => Error::UpstreamUnreachable(m),
             UpstreamError::Timeout(d) => Error::UpstreamTimeout(d),
+            UpstreamError::BodyStalled(d) => Error::UpstreamStalled(d),
+            e @ (UpstreamError::BodyTooLarge { .. }
+            | UpstreamError::BodyCut(_)
+            | UpstreamError::Invalid(_)) => Error::UpstreamInvalid(e.to_string()),
+            UpstreamError::Request(m) => Error::Internal(format!("upstream request: {m}")),
         }
     }
 }
@@ -54,14 +96,20 @@ impl From<UpstreamError> for Error {
 /// Where the client reached graft, for rewriting URLs back to it.
 #[derive(Clone, Debug)]
 pub struct ClientSide {
-    pub peer: SocketAddr,
+    peer: SocketAddr,
     /// `http` or `https`.
-    pub scheme: &'static str,
+    scheme: &'static str,
     /// The `Host` the client used (or HTTP/2 `:authority`).
-    pub host: Option<String>,
+    host: Option<String>,
 }
 
 impl ClientSide {
+    /// `scheme` is `http` or `https`; `host` is the client's `Host` (or
+    /// HTTP/2 `:authority`).
+    pub fn new(peer: SocketAddr, scheme: &'static str, host: Option<String>) -> ClientSide {
+        ClientSide { peer, scheme, host }
+    }
+
     fn origin(&self) -> Option<String> {
         self.host.as_ref().map(|h| format!("{}://{h}", self.scheme))
     }
@@ -88,15 +136,15 @@ impl Upstream {
         let uri: Uri = cfg
             .url
             .parse()
-            .map_err(|e| Error::Internal(format!("upstream url: {e}")))?;
+            .map_err(|e| Error::Startup(format!("upstream.url `{}`: {e}", cfg.url)))?;
         let authority = uri
             .authority()
-            .ok_or_else(|| Error::Internal("upstream url has no host".into()))?;
+            .ok_or_else(|| Error::Startup(format!("upstream.url `{}` has no host", cfg.url)))?;
         Ok(Upstream {
             client,
             origin: cfg.url.trim_end_matches('/').into(),
             authority: HeaderValue::from_str(authority.as_str())
-                .map_err(|e| Error::Internal(format!("upstream host: {e}")))?,
+                .map_err(|e| Error::Startup(format!("upstream.url `{}`: {e}", cfg.url)))?,
             response_timeout: cfg.response_timeout,
             body_timeout: cfg.body_timeout,
         })
@@ -111,6 +159,19 @@ impl Upstream {
         self.body_timeout
     }
 
+    /// Reads a response body of at most `limit` bytes (manifests, indexes,
+    /// listings: never blobs), giving up when it stays silent for
+    /// `upstream.body_timeout` between frames.
+    pub async fn read_limited(&self, body: Incoming, limit: usize) -> Result<Bytes, UpstreamError> {
+        body::collect_limited(body, limit, Some(self.body_timeout))
+            .await
+            .map_err(|e| match e {
+                CollectError::TooLarge => UpstreamError::BodyTooLarge { limit },
+                CollectError::Stalled(d) => UpstreamError::BodyStalled(d),
+                CollectError::Broken(e) => UpstreamError::BodyCut(e.to_string()),
+            })
+    }
+
     /// Whether `url` (absolute) points at the upstream itself, so that the
     /// client's credentials may follow it.
     pub fn is_own_url(&self, url: &str) -> bool {
@@ -121,7 +182,10 @@ impl Upstream {
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, Error> {
         format!("{}{path_and_query}", self.origin)
             .parse()
-            .map_err(|e| Error::BadRequest(format!("unusable request target: {e}")))
+            .map_err(|e| {
+                tracing::debug!(error = %e, "request target cannot be forwarded");
+                Error::BadRequest("the request target cannot be forwarded".into())
+            })
     }
 
     /// Sends a request and waits for the response head. The body streams
@@ -158,10 +222,10 @@ impl Upstream {
         headers: &[(HeaderName, &str)],
         body: Bytes,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut req = Request::builder().method(method).uri(
-            self.uri(path)
-                .map_err(|e| UpstreamError::Unreachable(e.to_string()))?,
-        );
+        let uri: Uri = format!("{}{path}", self.origin)
+            .parse()
+            .map_err(|e| UpstreamError::Request(format!("`{path}`: {e}")))?;
+        let mut req = Request::builder().method(method).uri(uri);
         if let Some(a) = auth {
             req = req.header(header::AUTHORIZATION, a.clone());
         }
@@ -170,7 +234,7 @@ impl Upstream {
         }
         let req = req
             .body(body::full(body))
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+            .map_err(|e| UpstreamError::Request(e.to_string()))?;
         Ok(self.send(req).await?.0)
     }
 
@@ -183,14 +247,14 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let uri: Uri = url
             .parse()
-            .map_err(|e| UpstreamError::Unreachable(format!("redirect target `{url}`: {e}")))?;
+            .map_err(|e| UpstreamError::Invalid(format!("redirect target `{url}`: {e}")))?;
         let mut req = Request::builder().method(Method::GET).uri(uri.clone());
         if let Some(a) = auth {
             req = req.header(header::AUTHORIZATION, a.clone());
         }
         let req = req
             .body(body::empty())
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+            .map_err(|e| UpstreamError::Request(e.to_string()))?;
         self.request(req).await
     }
 
@@ -248,17 +312,6 @@ impl Upstream {
     }
 }
 
-/// Reads a response body of at most `limit` bytes; a longer one is an error
-/// (graft only reads manifests and indexes, never blobs, this way).
-pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, UpstreamError> {
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(UpstreamError::Unreachable(format!(
-            "reading upstream body: {e}"
-        ))),
-    }
-}
-
 /// Tells a connection failure from a timeout, looking through the error's
 /// sources for the I/O error underneath.
 fn classify(e: &hyper_util::client::legacy::Error, limit: Duration) -> UpstreamError {
@@ -281,7 +334,7 @@ fn classify(e: &hyper_util::client::legacy::Error, limit: Duration) -> UpstreamE
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// including any the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -348,7 +401,7 @@ fn strip_origin<'a>(url: &'a str, origin: &str) -> Option<&'a str> {
 
 /// The upstream's "no" to the credentials it was given (as opposed to an
 /// outage, or "not here").
-pub fn is_denial(status: http::StatusCode) -> bool {
+pub(crate) fn is_denial(status: http::StatusCode) -> bool {
     status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN
 }
 
@@ -381,7 +434,7 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Internal(format!("tls: {e}")))?;
+        .map_err(|e| Error::Startup(format!("TLS setup for the upstream: {e}")))?;
     if cfg.insecure_skip_verify {
         tracing::warn!(
             "upstream.insecure_skip_verify is on: upstream certificates are not checked"
@@ -398,26 +451,30 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, Error> {
         let _ = roots.add(cert);
     }
     if let Some(path) = &cfg.ca_file {
-        let file = std::fs::File::open(path)
-            .map_err(|e| Error::Internal(format!("upstream.ca_file {}: {e}", path.display())))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
-            let cert = cert.map_err(|e| {
-                Error::Internal(format!("upstream.ca_file {}: {e}", path.display()))
-            })?;
-            roots.add(cert).map_err(|e| {
-                Error::Internal(format!("upstream.ca_file {}: {e}", path.display()))
-            })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(Error::Internal(format!(
-                "upstream.ca_file {}: no PEM certificates found",
-                path.display()
-            )));
-        }
+        add_ca_file(&mut roots, path)?;
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// Adds the certificates of `upstream.ca_file` to `roots`; a file that
+/// cannot be read or holds no certificate stops startup with a line that
+/// names the key and the file.
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &std::path::Path) -> Result<(), Error> {
+    let fail =
+        |what: String| Error::Startup(format!("upstream.ca_file {}: {what}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot open it: {e}")))?;
+    let mut added = 0;
+    for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+        let cert = cert.map_err(|e| fail(format!("cannot read it: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| fail(format!("not a usable CA certificate: {e}")))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(fail("no PEM certificates found".into()));
+    }
+    Ok(())
 }
 
 /// Accepts any server certificate (`upstream.insecure_skip_verify`), still
@@ -525,5 +582,122 @@ mod tests {
             rewrite_link("</v2/_catalog?last=b>; rel=\"next\"", up, me),
             None
         );
+    }
+
+    #[test]
+    fn each_upstream_failure_becomes_the_error_of_whoever_caused_it() {
+        use crate::error::Blame;
+        let d = Duration::from_secs(1);
+        let cases = [
+            (
+                UpstreamError::Unreachable("refused".into()),
+                Blame::Upstream,
+            ),
+            (UpstreamError::Timeout(d), Blame::Upstream),
+            (UpstreamError::BodyStalled(d), Blame::Upstream),
+            (UpstreamError::BodyTooLarge { limit: 1 }, Blame::Upstream),
+            (UpstreamError::BodyCut("reset".into()), Blame::Upstream),
+            (
+                UpstreamError::Invalid("bad redirect".into()),
+                Blame::Upstream,
+            ),
+            (UpstreamError::Request("bad uri".into()), Blame::Internal),
+        ];
+        for (e, blame) in cases {
+            let what = format!("{e:?}");
+            assert_eq!(Error::from(e).blame(), blame, "{what}");
+        }
+        assert!(matches!(
+            Error::from(UpstreamError::BodyStalled(d)),
+            Error::UpstreamStalled(_)
+        ));
+        assert!(matches!(
+            Error::from(UpstreamError::BodyTooLarge { limit: 1 }),
+            Error::UpstreamInvalid(_)
+        ));
+        assert!(!UpstreamError::Request("x".into()).is_outage());
+        assert!(UpstreamError::Timeout(d).is_outage());
+    }
+
+    #[test]
+    fn a_client_path_that_cannot_be_forwarded_is_the_client_s_error() {
+        let up =
+            Upstream::new(&crate::config::Config::default().upstream).expect("default upstream");
+        let e = up.uri("/v2/a b").expect_err("a space is not a URI");
+        assert!(matches!(e, Error::BadRequest(_)), "{e:?}");
+        assert!(!e.to_string().contains("invalid uri"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_ca_file_stops_startup_with_one_line_naming_it() {
+        let mut cfg = crate::config::Config::default().upstream;
+        cfg.ca_file = Some("/nonexistent/graft-ca.pem".into());
+        let e = Upstream::new(&cfg).err().expect("startup refused");
+        assert!(matches!(e, Error::Startup(_)), "{e:?}");
+        let line = e.to_string();
+        assert!(
+            line.starts_with("upstream.ca_file /nonexistent/graft-ca.pem: cannot open it"),
+            "{line}"
+        );
+        assert!(!line.contains("internal error"), "{line}");
+    }
+
+    mod bounded_reads {
+        use super::super::*;
+        use futures_util::stream::{self, StreamExt};
+        use http_body::Frame;
+        use http_body_util::StreamBody;
+
+        type Item = Result<Frame<Bytes>, body::BoxError>;
+
+        fn chunk(s: &'static str) -> Item {
+            Ok(Frame::data(Bytes::from_static(s.as_bytes())))
+        }
+
+        #[tokio::test]
+        async fn a_body_that_goes_silent_is_given_up_on() {
+            let silent = stream::iter([chunk("{")]).chain(stream::pending::<Item>());
+            let got = body::collect_limited(
+                StreamBody::new(silent),
+                1024,
+                Some(Duration::from_millis(50)),
+            )
+            .await;
+            assert!(matches!(got, Err(CollectError::Stalled(_))), "{got:?}");
+        }
+
+        #[tokio::test]
+        async fn a_slow_body_that_keeps_moving_completes() {
+            // Four gaps of 350 ms: longer in total than the 1 s idle bound,
+            // each well inside it.
+            let slow = stream::iter(["a", "b", "c", "d", "e"]).then(|s| async move {
+                if s != "a" {
+                    tokio::time::sleep(Duration::from_millis(350)).await;
+                }
+                chunk(s)
+            });
+            let got =
+                body::collect_limited(StreamBody::new(slow), 1024, Some(Duration::from_secs(1)))
+                    .await
+                    .expect("a moving body is read to its end");
+            assert_eq!(&got[..], b"abcde");
+        }
+
+        #[tokio::test]
+        async fn a_body_past_the_limit_is_refused() {
+            let big = stream::iter([chunk("0123"), chunk("4567")]);
+            let got = body::collect_limited(StreamBody::new(big), 6, None).await;
+            assert!(matches!(got, Err(CollectError::TooLarge)), "{got:?}");
+            let announced = body::full(Bytes::from_static(b"0123456789"));
+            let got = body::collect_limited(announced, 6, None).await;
+            assert!(matches!(got, Err(CollectError::TooLarge)), "{got:?}");
+        }
+
+        #[tokio::test]
+        async fn a_cut_body_is_broken_not_short() {
+            let cut = stream::iter([chunk("{"), Err("connection reset".into())]);
+            let got = body::collect_limited(StreamBody::new(cut), 1024, None).await;
+            assert!(matches!(got, Err(CollectError::Broken(_))), "{got:?}");
+        }
     }
 }

@@ -9,10 +9,34 @@ use std::time::{Duration, Instant};
 use common::{
     assert_oci_error, closed_port_url, sha256_digest, Api, FakeUpstream, Graft, Registry,
 };
+use graft::config::ReferrersMode;
 use reqwest::StatusCode;
 
 async fn status_of(api: &Api, path: &str) -> StatusCode {
     Api::send(api.get(path)).await.status()
+}
+
+/// An upstream failure tells the client a fixed sentence and the request id
+/// to quote, never the Rust error underneath.
+fn assert_generic_upstream_error(body: &serde_json::Value, what: &str) {
+    let error = &body["errors"][0];
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("upstream registry"), "{what}: {body}");
+    let id = error["detail"]["request_id"].as_str().unwrap_or_default();
+    assert!(!id.is_empty(), "{what}: no request_id in detail: {body}");
+    let text = body.to_string().to_ascii_lowercase();
+    for leak in [
+        "os error",
+        "connection refused",
+        "tcp connect",
+        "hyper",
+        "client error",
+    ] {
+        assert!(
+            !text.contains(leak),
+            "{what}: `{leak}` reached the client: {body}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -87,7 +111,8 @@ async fn unreachable_upstream_gives_502_with_an_oci_error_and_readyz_503() {
         "/v2/app/tags/list",
         &format!("/v2/app/blobs/{}", sha256_digest(b"x")),
     ] {
-        assert_oci_error(Api::send(api.get(path)).await, 502, None).await;
+        let body = assert_oci_error(Api::send(api.get(path)).await, 502, Some("UNAVAILABLE")).await;
+        assert_generic_upstream_error(&body, path);
     }
     assert_eq!(status_of(&api, "/healthz").await, StatusCode::OK);
     assert_eq!(
@@ -145,4 +170,44 @@ async fn readyz_follows_the_upstream_while_healthz_stays_200() {
 
     registry.restart();
     assert_eq!(status_of(&api, "/readyz").await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_a_fallback_tag_body_fails_the_referrers_query_cleanly() {
+    // Every request gets a 200 index head and then nothing: the HEAD of the
+    // fallback tag succeeds, the GET of its body never completes.
+    let digest = sha256_digest(b"the fallback tag");
+    let upstream = FakeUpstream::responding(&format!(
+        "HTTP/1.1 200 OK\r\n\
+         Content-Type: application/vnd.oci.image.index.v1+json\r\n\
+         Docker-Content-Digest: {digest}\r\n\
+         Content-Length: 512\r\n\r\n"
+    ));
+    let graft = Graft::start_for_upstream(&upstream.url(), |config| {
+        config.referrers.mode = ReferrersMode::Synthesize;
+        config.upstream.response_timeout = Duration::from_secs(10);
+        config.upstream.body_timeout = Duration::from_secs(1);
+    });
+    let api = Api::for_graft(&graft);
+    let subject = sha256_digest(b"a subject");
+    let tag = subject.replace(':', "-");
+
+    // A bound for the test run, not an assertion on timing: a hang fails
+    // here instead of hanging the suite.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        Api::send(api.get(&format!("/v2/app/referrers/{subject}"))),
+    )
+    .await
+    .expect("graft answered instead of hanging on the stalled body");
+    let body = assert_oci_error(answer, 504, Some("UNAVAILABLE")).await;
+    assert_generic_upstream_error(&body, "referrers");
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .any(|r| r.request_line == format!("GET /v2/app/manifests/{tag} HTTP/1.1")),
+        "graft read the fallback tag body: {:?}",
+        upstream.requests()
+    );
 }

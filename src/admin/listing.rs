@@ -18,7 +18,7 @@ use http::{Method, StatusCode};
 use super::Pages;
 use crate::config::Config;
 use crate::oci::{query, Descriptor, Digest, ImageIndex, RepoName};
-use crate::upstream::{read_limited, Upstream};
+use crate::upstream::Upstream;
 
 /// Largest referrers page read.
 const PAGE_LIMIT: usize = 16 * 1024 * 1024;
@@ -201,7 +201,9 @@ impl Walk<'_> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|f| f.trim() == "artifactType"));
         pages.followed(resp.headers(), self.client.origin());
-        let bytes = read_limited(resp.into_body(), PAGE_LIMIT)
+        let bytes = self
+            .client
+            .read_limited(resp.into_body(), PAGE_LIMIT)
             .await
             .map_err(|e| ListError::Graft(format!("{path}: {e}")))?;
         if !status.is_success() {

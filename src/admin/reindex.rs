@@ -26,7 +26,7 @@ use crate::credentials::CredentialKeys;
 use crate::index::{Index, IndexError};
 use crate::oci::RepoName;
 use crate::referrers::{is_fallback_tag, Access, Referrers};
-use crate::upstream::{read_limited, Upstream};
+use crate::upstream::Upstream;
 
 /// Largest catalog or tags-list page read (distribution sends every tag of
 /// a repository in one page).
@@ -272,7 +272,8 @@ async fn pages(
             )));
         }
         pages.followed(resp.headers(), upstream.origin());
-        let bytes = read_limited(resp.into_body(), PAGE_LIMIT)
+        let bytes = upstream
+            .read_limited(resp.into_body(), PAGE_LIMIT)
             .await
             .map_err(|e| ReindexError::Upstream(format!("{path}: {e}")))?;
         let page: serde_json::Value = serde_json::from_slice(&bytes)

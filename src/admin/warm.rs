@@ -33,7 +33,7 @@ use super::{Outcome, Progress, Unit};
 use crate::config::Config;
 use crate::oci::{Descriptor, Digest, Reference, RepoName};
 use crate::referrers::ACCEPT_MANIFESTS;
-use crate::upstream::{read_limited, Upstream};
+use crate::upstream::Upstream;
 
 /// Largest manifest or index read (graft itself accepts 4 MiB by default).
 const MANIFEST_LIMIT: usize = 16 * 1024 * 1024;
@@ -341,7 +341,9 @@ impl Warmer<'_> {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
-        let body = read_limited(resp.into_body(), MANIFEST_LIMIT)
+        let body = self
+            .client
+            .read_limited(resp.into_body(), MANIFEST_LIMIT)
             .await
             .map_err(|e| format!("GET {path}: {e}"))?;
         let expected = match Reference::parse(reference) {
@@ -413,7 +415,9 @@ impl Warmer<'_> {
                  read this repository (--username/--password)"
             ));
         }
-        let body = read_limited(resp.into_body(), ERROR_BODY_LIMIT)
+        let body = self
+            .client
+            .read_limited(resp.into_body(), ERROR_BODY_LIMIT)
             .await
             .unwrap_or_default();
         Err(format!(

@@ -16,7 +16,14 @@ pub struct Digest {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid digest `{0}`")]
-pub struct InvalidDigest(pub String);
+pub struct InvalidDigest(String);
+
+impl InvalidDigest {
+    /// The text that was refused, to quote back to the client.
+    pub fn into_input(self) -> String {
+        self.0
+    }
+}
 
 impl Digest {
     pub fn algorithm(&self) -> &str {

@@ -12,7 +12,14 @@ pub struct RepoName(String);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid repository name `{0}`")]
-pub struct InvalidName(pub String);
+pub struct InvalidName(String);
+
+impl InvalidName {
+    /// The name that was refused, to quote back to the client.
+    pub fn into_input(self) -> String {
+        self.0
+    }
+}
 
 impl RepoName {
     pub fn parse(s: &str) -> Result<RepoName, InvalidName> {

@@ -5,6 +5,7 @@
 //! A push body is buffered (bounded by `server.max_manifest_bytes`) and
 //! forwarded byte for byte; graft only reads it to find `subject`.
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 
@@ -12,7 +13,7 @@ use super::{content, passthrough, Outcome, Proxy};
 use crate::access::Kind;
 use crate::body::{self, Body, CollectError};
 use crate::error::Error;
-use crate::oci::{Digest, ManifestFields, Reference, RepoName};
+use crate::oci::{Descriptor, Digest, ManifestFields, Reference, RepoName};
 use crate::referrers::{is_fallback_tag, OCI_SUBJECT};
 use crate::upstream::ClientSide;
 
@@ -58,6 +59,7 @@ pub(crate) async fn handle(
     }
 }
 
+/// A push: the body is read (bounded), then it is one of three pushes.
 async fn put(
     proxy: &Proxy,
     name: RepoName,
@@ -67,6 +69,37 @@ async fn put(
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, Error> {
     let limit = proxy.config.server.max_manifest_bytes;
+    let (parts, bytes) = read_manifest(req, limit).await?;
+    let push = Push {
+        proxy,
+        name,
+        auth: parts.headers.get(header::AUTHORIZATION).cloned(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        parts,
+        bytes,
+        client,
+    };
+    if let Reference::Tag(tag) = &reference {
+        if is_fallback_tag(tag) && proxy.referrers.upstream_is_native() != Some(true) {
+            return push.client_fallback_tag(tag, outcome).await;
+        }
+    }
+    match push.referrer(&reference) {
+        Some((subject, desc)) => push.with_subject(subject, desc, outcome).await,
+        None => push.forward(outcome).await,
+    }
+}
+
+/// Buffers a manifest body of at most `limit` bytes, refusing a larger one
+/// by its `Content-Length` before reading any of it.
+async fn read_manifest(
+    req: Request<Body>,
+    limit: usize,
+) -> Result<(http::request::Parts, Bytes), Error> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -76,84 +109,119 @@ async fn put(
         return Err(Error::ManifestTooLarge { limit });
     }
     let (parts, body) = req.into_parts();
-    let bytes = match body::collect_limited(body, limit).await {
-        Ok(b) => b,
-        Err(CollectError::TooLarge) => return Err(Error::ManifestTooLarge { limit }),
-        Err(CollectError::Broken(e)) => {
-            return Err(Error::BadRequest(format!("reading the manifest body: {e}")))
-        }
-    };
-    let auth = parts.headers.get(header::AUTHORIZATION).cloned();
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let referrers = &proxy.referrers;
-    let rebuild = |bytes: bytes::Bytes| Request::from_parts(parts.clone(), body::full(bytes));
-
-    // An old client writing a fallback tag itself: serialize with graft's
-    // own writes, then repair a lost read-modify-write race.
-    if let Reference::Tag(tag) = &reference {
-        if is_fallback_tag(tag) && referrers.upstream_is_native() != Some(true) {
-            let _guard = referrers.lock_tag(&name, tag).await;
-            let resp = passthrough::forward(proxy, rebuild(bytes.clone()), client, outcome).await?;
-            if resp.status().is_success() {
-                referrers
-                    .after_client_tag_put(&name, tag, &bytes, auth.as_ref())
-                    .await?;
-            }
-            return Ok(resp);
+    match body::collect_limited(body, limit, None).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(CollectError::TooLarge) => Err(Error::ManifestTooLarge { limit }),
+        Err(CollectError::Stalled(_) | CollectError::Broken(_)) => {
+            Err(Error::BadRequest("the manifest body was cut short".into()))
         }
     }
+}
 
-    let referrer = ManifestFields::parse(&bytes).and_then(|fields| {
+/// One buffered manifest push on its way upstream.
+struct Push<'a> {
+    proxy: &'a Proxy,
+    name: RepoName,
+    parts: http::request::Parts,
+    bytes: Bytes,
+    auth: Option<HeaderValue>,
+    content_type: Option<String>,
+    client: &'a ClientSide,
+}
+
+impl Push<'_> {
+    /// The push as a request again, to forward.
+    fn request(&self) -> Request<Body> {
+        Request::from_parts(self.parts.clone(), body::full(self.bytes.clone()))
+    }
+
+    /// The subject and referrer descriptor when the manifest has `subject`.
+    fn referrer(&self, reference: &Reference) -> Option<(Digest, Descriptor)> {
+        let fields = ManifestFields::parse(&self.bytes)?;
         let subject = fields.subject.as_ref()?.digest.clone();
-        let digest = match &reference {
-            Reference::Digest(d) if d.verify(&bytes) == Some(true) => d.clone(),
-            _ => Digest::sha256_of(&bytes),
+        let digest = match reference {
+            Reference::Digest(d) if d.verify(&self.bytes) == Some(true) => d.clone(),
+            _ => Digest::sha256_of(&self.bytes),
         };
-        let desc = fields.referrer_descriptor(digest, bytes.len() as u64, content_type.as_deref());
+        let size = self.bytes.len() as u64;
+        let desc = fields.referrer_descriptor(digest, size, self.content_type.as_deref());
         Some((subject, desc))
-    });
-    if let Some((subject, desc)) = &referrer {
-        referrers.before_push(&name, subject, desc).await?;
     }
-    let forwarded = passthrough::forward(proxy, rebuild(bytes.clone()), client, outcome).await;
-    if let (Ok(resp), Some(cache)) = (&forwarded, &proxy.cache) {
+
+    /// An old client writing a fallback tag itself: serialized with graft's
+    /// own writes, then a lost read-modify-write race is repaired.
+    async fn client_fallback_tag(
+        self,
+        tag: &str,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, Error> {
+        let referrers = &self.proxy.referrers;
+        let _guard = referrers.lock_tag(&self.name, tag).await;
+        let resp = passthrough::forward(self.proxy, self.request(), self.client, outcome).await?;
         if resp.status().is_success() {
-            // Write-through: a CI job that pushes then pulls never goes
-            // upstream for these bytes.
-            let digest = Digest::sha256_of(&bytes);
-            let _ = referrers.index().mark_present(&name, &digest);
-            cache
-                .store_bytes(&digest, bytes, content_type.clone())
-                .await;
+            referrers
+                .after_client_tag_put(&self.name, tag, &self.bytes, self.auth.as_ref())
+                .await?;
         }
+        Ok(resp)
     }
-    let Some((subject, desc)) = referrer else {
-        return forwarded;
-    };
-    // On error it is unknown whether the upstream took the push: the intent
-    // stays, and recovery asks the upstream later.
-    let mut resp = match forwarded {
-        Ok(r) => r,
-        Err(e) => {
-            referrers.push_unresolved(&name, &desc.digest);
-            return Err(e);
+
+    /// A push with `subject`: its intent is recorded before it is
+    /// forwarded, so a crash after the upstream accepts it loses nothing;
+    /// the answer carries `OCI-Subject`.
+    async fn with_subject(
+        self,
+        subject: Digest,
+        desc: Descriptor,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, Error> {
+        let referrers = self.proxy.referrers.clone();
+        referrers.before_push(&self.name, &subject, &desc).await?;
+        let name = self.name.clone();
+        let auth = self.auth.clone();
+        // On error it is unknown whether the upstream took the push: the
+        // intent stays, and recovery asks the upstream later.
+        let mut resp = match self.forward(outcome).await {
+            Ok(r) => r,
+            Err(e) => {
+                referrers.push_unresolved(&name, &desc.digest);
+                return Err(e);
+            }
+        };
+        let accepted = resp.status().is_success();
+        if accepted {
+            // A 1.1 upstream answers with OCI-Subject itself.
+            referrers.learn_native(resp.headers().contains_key(&OCI_SUBJECT));
         }
-    };
-    let accepted = resp.status().is_success();
-    if accepted {
-        // A 1.1 upstream answers with OCI-Subject itself.
-        referrers.learn_native(resp.headers().contains_key(&OCI_SUBJECT));
+        referrers
+            .after_push(&name, &subject, &desc, accepted, auth.as_ref())
+            .await?;
+        if accepted {
+            let v =
+                HeaderValue::from_str(subject.as_str()).expect("digests are valid header values");
+            resp.headers_mut().insert(OCI_SUBJECT, v);
+        }
+        Ok(resp)
     }
-    referrers
-        .after_push(&name, &subject, &desc, accepted, auth.as_ref())
-        .await?;
-    if accepted {
-        let v = HeaderValue::from_str(subject.as_str()).expect("digests are valid header values");
-        resp.headers_mut().insert(OCI_SUBJECT, v);
+
+    /// Forwards the push; an accepted one is written through to the cache.
+    async fn forward(self, outcome: &mut Outcome) -> Result<Response<Body>, Error> {
+        let resp = passthrough::forward(self.proxy, self.request(), self.client, outcome).await?;
+        if let Some(cache) = &self.proxy.cache {
+            if resp.status().is_success() {
+                // Write-through: a CI job that pushes then pulls never goes
+                // upstream for these bytes.
+                let digest = Digest::sha256_of(&self.bytes);
+                let _ = self
+                    .proxy
+                    .referrers
+                    .index()
+                    .mark_present(&self.name, &digest);
+                cache
+                    .store_bytes(&digest, self.bytes, self.content_type)
+                    .await;
+            }
+        }
+        Ok(resp)
     }
-    Ok(resp)
 }

@@ -124,11 +124,11 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let client = ClientSide { peer, scheme, host };
+        let client = ClientSide::new(peer, scheme, host);
 
         let bytes_in = Arc::new(AtomicU64::new(0));
         let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone())));
-        let route = Route::parse(&method, &path);
+        let route = Route::parse(&path);
         let kind = route.as_ref().map(Route::kind).unwrap_or("invalid");
         let mut outcome = Outcome::default();
         let resp = match route {

@@ -9,7 +9,7 @@ use http::{Method, Request, Response, StatusCode};
 use super::{head_only, passthrough, Outcome, Proxy};
 use crate::body::{self, Body};
 use crate::error::{oci_error, Error};
-use crate::oci::{media, query, Digest, ErrorCode, ImageIndex, RepoName};
+use crate::oci::{media, query, Descriptor, Digest, ErrorCode, ImageIndex, RepoName};
 use crate::referrers::{Access, Denial};
 use crate::upstream::ClientSide;
 
@@ -24,83 +24,135 @@ pub(crate) async fn handle(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return passthrough::forward(proxy, req, client, outcome).await;
     }
-    let referrers = &proxy.referrers;
-    match referrers.upstream_is_native() {
-        Some(true) => return passthrough::forward(proxy, req, client, outcome).await,
-        Some(false) => {}
-        None => {
-            // Mode `auto`, not yet known: ask the upstream once.
-            let probe = passthrough::forward(proxy, head_only(&req), client, outcome).await?;
-            let is_index = probe
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(media::IMAGE_INDEX.as_bytes()));
-            match probe.status() {
-                StatusCode::OK if is_index => {
-                    referrers.learn_native(true);
-                    return Ok(probe);
-                }
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Ok(probe),
-                s if s.is_server_error() => return Ok(probe),
-                _ => referrers.learn_native(false),
-            }
-        }
+    if let Some(upstream_answer) = native_answer(proxy, head_only(&req), client, outcome).await? {
+        return Ok(upstream_answer);
     }
-
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let auth = req.headers().get(header::AUTHORIZATION);
-    let all = match referrers.list(&name, &subject, auth).await? {
+    let all = match proxy.referrers.list(&name, &subject, auth).await? {
         Access::Denied(d) => return Ok(denied(d)),
         Access::Granted(list) => list,
     };
-    let filtered: Vec<_> = all
-        .into_iter()
-        .filter(|d| {
-            query.artifact_types.is_empty()
-                || d.artifact_type
-                    .as_ref()
-                    .is_some_and(|t| query.artifact_types.contains(t))
-        })
-        .filter(|d| {
-            query
-                .last
-                .as_ref()
-                .is_none_or(|l| d.digest.as_str() > l.as_str())
-        })
-        .collect();
-    let page_size = referrers.config().page_size;
-    let more = filtered.len() > page_size;
-    let page: Vec<_> = filtered.into_iter().take(page_size).collect();
+    let page_size = proxy.referrers.config().page_size;
+    let page = Page::of(all, &query, page_size);
+    let with_body = req.method() != Method::HEAD;
+    Ok(page.into_response(&name, &subject, &query, with_body))
+}
 
-    let mut resp = Response::new(if req.method() == Method::HEAD {
-        body::empty()
-    } else {
-        body::full(ImageIndex::of(page.clone()).to_bytes())
-    });
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(media::IMAGE_INDEX),
-    );
-    if !query.artifact_types.is_empty() {
-        headers.insert(
-            "oci-filters-applied",
-            HeaderValue::from_static("artifactType"),
-        );
+/// The upstream's own answer when it serves the referrers API (mode
+/// `passthrough`, or `auto` once learnt), or when the one-time probe of
+/// mode `auto` got a no or an outage that the client should see as is.
+/// `head` is the client's GET or HEAD without its (empty) body. `None`:
+/// graft answers from its index.
+async fn native_answer(
+    proxy: &Proxy,
+    head: Request<Body>,
+    client: &ClientSide,
+    outcome: &mut Outcome,
+) -> Result<Option<Response<Body>>, Error> {
+    let referrers = &proxy.referrers;
+    match referrers.upstream_is_native() {
+        Some(true) => {
+            return passthrough::forward(proxy, head, client, outcome)
+                .await
+                .map(Some)
+        }
+        Some(false) => return Ok(None),
+        None => {}
     }
-    if more {
-        if let Some(last) = page.last() {
+    // Mode `auto`, not yet known: ask the upstream once.
+    let probe = passthrough::forward(proxy, head, client, outcome).await?;
+    let is_index = probe
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(media::IMAGE_INDEX.as_bytes()));
+    match probe.status() {
+        StatusCode::OK if is_index => {
+            referrers.learn_native(true);
+            Ok(Some(probe))
+        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(Some(probe)),
+        s if s.is_server_error() => Ok(Some(probe)),
+        _ => {
+            referrers.learn_native(false);
+            Ok(None)
+        }
+    }
+}
+
+/// One page of a subject's referrers, after `artifactType` filtering and
+/// the `last` cursor.
+struct Page {
+    entries: Vec<Descriptor>,
+    /// Entries follow this page.
+    more: bool,
+}
+
+impl Page {
+    fn of(all: Vec<Descriptor>, query: &Query, page_size: usize) -> Page {
+        let mut filtered: Vec<_> = all
+            .into_iter()
+            .filter(|d| {
+                query.artifact_types.is_empty()
+                    || d.artifact_type
+                        .as_ref()
+                        .is_some_and(|t| query.artifact_types.contains(t))
+            })
+            .filter(|d| {
+                query
+                    .last
+                    .as_ref()
+                    .is_none_or(|l| d.digest.as_str() > l.as_str())
+            })
+            .collect();
+        let more = filtered.len() > page_size;
+        filtered.truncate(page_size);
+        Page {
+            entries: filtered,
+            more,
+        }
+    }
+
+    /// The 200 image index, with `OCI-Filters-Applied` when filtered and a
+    /// `Link` to the next page when there is one.
+    fn into_response(
+        self,
+        name: &RepoName,
+        subject: &Digest,
+        query: &Query,
+        with_body: bool,
+    ) -> Response<Body> {
+        let next = self.entries.last().filter(|_| self.more).map(|last| {
             let mut next = format!("/v2/{name}/referrers/{subject}");
             query::append(&mut next, "last", last.digest.as_str());
             for t in &query.artifact_types {
                 query::append(&mut next, "artifactType", t);
             }
-            if let Ok(v) = HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
-                headers.insert(header::LINK, v);
-            }
+            next
+        });
+        let mut resp = Response::new(if with_body {
+            body::full(ImageIndex::of(self.entries).to_bytes())
+        } else {
+            body::empty()
+        });
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(media::IMAGE_INDEX),
+        );
+        if !query.artifact_types.is_empty() {
+            headers.insert(
+                "oci-filters-applied",
+                HeaderValue::from_static("artifactType"),
+            );
         }
+        if let Some(v) =
+            next.and_then(|n| HeaderValue::from_str(&format!("<{n}>; rel=\"next\"")).ok())
+        {
+            headers.insert(header::LINK, v);
+        }
+        resp
     }
-    Ok(resp)
 }
 
 /// The upstream's 401/403, with its challenge, and nothing from the index.

@@ -14,7 +14,6 @@ use hyper::body::Incoming;
 use super::{Referrers, READ_LIMIT};
 use crate::error::Error;
 use crate::oci::{media, Descriptor, Digest, ImageIndex, RepoName};
-use crate::upstream::read_limited;
 
 /// The upstream's answer to "may this client read the repository?".
 pub enum Access<T> {
@@ -120,7 +119,10 @@ pub(super) async fn read(
             "upstream answered {status} reading the fallback tag"
         )));
     }
-    let bytes = read_limited(resp.into_body(), READ_LIMIT).await?;
+    let bytes = r
+        .upstream
+        .read_limited(resp.into_body(), READ_LIMIT)
+        .await?;
     Ok(Access::Granted(Some(TagRead::parse(&bytes))))
 }
 
@@ -147,7 +149,10 @@ pub(super) async fn fetch(
             "upstream answered {status} reading the fallback tag {tag}"
         )));
     }
-    let bytes = read_limited(resp.into_body(), READ_LIMIT).await?;
+    let bytes = r
+        .upstream
+        .read_limited(resp.into_body(), READ_LIMIT)
+        .await?;
     Ok(Access::Granted(Some(TagRead::parse(&bytes))))
 }
 

@@ -24,7 +24,7 @@ use crate::credentials::CredentialKeys;
 use crate::error::Error;
 use crate::index::Index;
 use crate::oci::{media, Descriptor, Digest, ManifestFields, RepoName};
-use crate::upstream::{read_limited, Upstream};
+use crate::upstream::Upstream;
 
 pub use fallback::{Access, Denial};
 
@@ -498,7 +498,11 @@ impl Referrers {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let Ok(bytes) = read_limited(resp.into_body(), READ_LIMIT).await else {
+        let Ok(bytes) = self
+            .upstream
+            .read_limited(resp.into_body(), READ_LIMIT)
+            .await
+        else {
             return Verdict::Unknown;
         };
         if digest.verify(&bytes) == Some(false) {
