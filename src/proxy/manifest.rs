@@ -41,7 +41,7 @@ pub(crate) async fn handle(
             };
             let accepted = resp.status().is_success();
             if accepted {
-                let _ = referrers.index().forget_present(&name, &digest);
+                referrers.index().present().forget(&name, &digest);
             }
             referrers
                 .after_delete(&name, &digest, accepted, auth.as_ref())
@@ -125,7 +125,7 @@ async fn put(
             // Write-through: a CI job that pushes then pulls never goes
             // upstream for these bytes.
             let digest = Digest::sha256_of(&bytes);
-            let _ = referrers.index().mark_present(&name, &digest);
+            referrers.index().present().mark(&name, &digest);
             cache
                 .store_bytes(&digest, bytes, content_type.clone())
                 .await;
