@@ -147,7 +147,7 @@ pub struct ReferrersConfig {
     /// Entries per referrers page before a `Link: rel="next"` is added.
     pub page_size: usize,
     /// Most (repository, subject, credentials) fallback-tag checks
-    /// remembered for `tag_ttl` (about 300 bytes each).
+    /// remembered for `tag_ttl` (about 0.5 KiB each).
     pub recent_checks_capacity: u64,
 }
 

@@ -204,7 +204,7 @@ impl Index {
     }
 
     /// The clock the index stamps with.
-    pub fn clock(&self) -> &Clock {
+    pub(crate) fn clock(&self) -> &Clock {
         &self.shared.clock
     }
 
@@ -235,7 +235,7 @@ impl Index {
 
     /// Runs `work` on the blocking pool, so sled reads never stall an async
     /// worker. Meant for a batch of index work, not one call per key.
-    pub async fn blocking<T, F>(&self, work: F) -> Result<T, IndexError>
+    pub(crate) async fn blocking<T, F>(&self, work: F) -> Result<T, IndexError>
     where
         T: Send + 'static,
         F: FnOnce(&Index) -> Result<T, IndexError> + Send + 'static,

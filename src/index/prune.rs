@@ -38,22 +38,47 @@ pub struct PruneBounds {
 /// What pruning one tree did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TreePruned {
-    pub tree: &'static str,
-    pub by_age: usize,
-    pub by_count: usize,
-    pub kept: usize,
+    tree: &'static str,
+    by_age: usize,
+    by_count: usize,
+    kept: usize,
+}
+
+impl TreePruned {
+    pub fn tree(&self) -> &'static str {
+        self.tree
+    }
+
+    /// Entries removed for being older than the tree's maximum age.
+    pub fn by_age(&self) -> usize {
+        self.by_age
+    }
+
+    /// Entries removed, oldest first, to get under the maximum count.
+    pub fn by_count(&self) -> usize {
+        self.by_count
+    }
+
+    /// Entries left.
+    pub fn kept(&self) -> usize {
+        self.kept
+    }
 }
 
 /// What one pruning pass did, tree by tree.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PruneReport {
-    pub trees: Vec<TreePruned>,
+    trees: Vec<TreePruned>,
 }
 
 impl PruneReport {
     /// Entries removed, all trees together.
     pub fn removed(&self) -> usize {
         self.trees.iter().map(|t| t.by_age + t.by_count).sum()
+    }
+
+    pub fn trees(&self) -> &[TreePruned] {
+        &self.trees
     }
 
     pub fn tree(&self, name: &str) -> Option<&TreePruned> {
@@ -158,6 +183,8 @@ fn prune_tree(
     now_secs: u64,
 ) -> Result<TreePruned, sled::Error> {
     let mut pruned = TreePruned::default();
+    // Only the stamps of what stays are kept (8 bytes an entry, not the
+    // keys): a million-entry tree costs 8 MB for one pass.
     let mut kept = Vec::new();
     for kv in tree.iter() {
         let (k, v) = kv?;
@@ -165,18 +192,41 @@ fn prune_tree(
         if now_secs.saturating_sub(at) >= b.max_age.as_secs() {
             pruned.by_age += remove_unchanged(tree, k, v)?;
         } else {
-            kept.push((at, k, v));
+            kept.push(at);
         }
     }
     if kept.len() > b.max_entries {
         let excess = kept.len() - b.max_entries;
-        kept.select_nth_unstable_by_key(excess - 1, |(at, ..)| *at);
-        for (_, k, v) in kept.drain(..excess) {
-            pruned.by_count += remove_unchanged(tree, k, v)?;
+        pruned.by_count = evict_oldest(tree, stamp, &mut kept, excess)?;
+    }
+    pruned.kept = kept.len() - pruned.by_count;
+    Ok(pruned)
+}
+
+/// Removes the `excess` oldest entries, given every entry's stamp: a second
+/// pass takes all below the cut-off stamp and as many at it as needed.
+fn evict_oldest(
+    tree: &sled::Tree,
+    stamp: Stamp,
+    stamps: &mut [u64],
+    excess: usize,
+) -> Result<usize, sled::Error> {
+    let (_, cutoff, _) = stamps.select_nth_unstable(excess - 1);
+    let cutoff = *cutoff;
+    let below = stamps.iter().filter(|s| **s < cutoff).count();
+    let mut at_cutoff = excess - below;
+    let mut removed = 0;
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        let at = stamp(&v).unwrap_or(0);
+        if at < cutoff || (at == cutoff && at_cutoff > 0) {
+            if at == cutoff {
+                at_cutoff -= 1;
+            }
+            removed += remove_unchanged(tree, k, v)?;
         }
     }
-    pruned.kept = kept.len();
-    Ok(pruned)
+    Ok(removed)
 }
 
 /// Removes `k` only if it still holds `v`: an entry rewritten since the
@@ -299,6 +349,25 @@ mod tests {
             .map(|i| ix.present().contains(&a, &desc(i).digest).expect("read"))
             .collect();
         assert_eq!(left, vec![false, true, false, true, true]);
+    }
+
+    #[test]
+    fn entries_stamped_in_the_same_second_are_cut_to_the_exact_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Clock::skewable();
+        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("open");
+        let a = RepoName::parse("a").expect("name");
+        for i in 0..5u8 {
+            ix.present().mark(&a, &desc(i).digest);
+        }
+        let bounds = PruneBounds::uniform(Duration::from_secs(DAY), 3);
+        let t = ix.prune(&bounds, clock.now_secs());
+        let t = t.tree("present").expect("present");
+        assert_eq!((t.by_age(), t.by_count(), t.kept()), (0, 2, 3));
+        let left = (0..5u8)
+            .filter(|i| ix.present().contains(&a, &desc(*i).digest).expect("read"))
+            .count();
+        assert_eq!(left, 3);
     }
 
     #[test]
