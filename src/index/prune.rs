@@ -385,6 +385,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_pruning_loop_prunes_every_interval_by_the_given_clock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Clock::skewable();
+        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("open");
+        let a = RepoName::parse("a").expect("name");
+        ix.present().mark(&a, &desc(1).digest);
+        clock.advance(Duration::from_secs(2 * DAY));
+        let (tx, rx) = watch::channel(false);
+        let mut bounds = PruneBounds::uniform(Duration::from_secs(DAY), 100);
+        bounds.interval = Duration::from_millis(20);
+        let task = tokio::spawn(prune_periodically(ix.clone(), bounds, clock, rx));
+        // Waits for the pass's effect (it runs on the blocking pool).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while ix.pruned() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no pruning pass ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!ix.present().contains(&a, &desc(1).digest).expect("read"));
+        tx.send(true).expect("send");
+        task.await.expect("loop ended");
+    }
+
+    #[tokio::test]
     async fn the_pruning_loop_stops_on_shutdown() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ix = Index::open(dir.path()).expect("open");

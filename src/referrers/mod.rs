@@ -7,6 +7,12 @@
 //! every write to it is a merge: graft reads the tag, ingests what it does
 //! not know, and writes the union. Writes for one (repository, subject) are
 //! serialized inside graft because the upstream has no conditional PUT.
+//!
+//! Here: listing, and the push and delete lifecycle (intents first, so a
+//! crash never loses what the upstream accepted). `fallback.rs` reads the
+//! tags, `ingest.rs` learns from them, `tag_write.rs` writes them,
+//! `writer.rs` serializes the writes, `recover.rs` finishes what a crash
+//! interrupted. Index work runs on the blocking pool, a batch at a time.
 
 pub(crate) mod fallback;
 mod ingest;
