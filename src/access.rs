@@ -116,9 +116,9 @@ impl AccessCache {
         // survive a restart; at most every 30 s per key, to keep index
         // writes off busy paths.
         if previous.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-            let _ = self
-                .index
-                .remember_access(repo, &cred, crate::cache::now_secs());
+            self.index
+                .access()
+                .remember(repo, &cred, crate::cache::now_secs());
         }
     }
 
@@ -127,7 +127,7 @@ impl AccessCache {
             .lock()
             .expect("access cache poisoned")
             .remove(&(repo.clone(), cred));
-        let _ = self.index.forget_access(repo, &cred);
+        self.index.access().forget(repo, &cred);
     }
 
     /// Whether a yes within `auth_ttl` stands (no upstream round trip).
@@ -141,9 +141,14 @@ impl AccessCache {
             return true;
         }
         // From before a restart.
-        self.index.access_remembered(repo, &cred).is_some_and(|at| {
-            crate::cache::now_secs().saturating_sub(at) < self.max_stale.as_secs()
-        })
+        self.index
+            .access()
+            .remembered(repo, &cred)
+            .ok()
+            .flatten()
+            .is_some_and(|at| {
+                crate::cache::now_secs().saturating_sub(at) < self.max_stale.as_secs()
+            })
     }
 
     /// May this client read `digest` from `repo`? Asks the upstream (a HEAD
@@ -158,7 +163,7 @@ impl AccessCache {
     ) -> Decision {
         let (upstream, index, metrics) = (&self.upstream, &self.index, &*self.metrics);
         let cred = self.key(auth);
-        let present = index.is_present(repo, digest).unwrap_or(false);
+        let present = index.present().contains(repo, digest).unwrap_or(false);
         if present && self.fresh_yes(repo, cred) {
             metrics::inc(&metrics.auth_remembered);
             return Decision::Allowed { stale: false };
@@ -183,7 +188,7 @@ impl AccessCache {
         match outcome {
             Ok(resp) if resp.status().is_success() => {
                 self.remember_yes(repo, cred);
-                let _ = index.mark_present(repo, digest);
+                index.present().mark(repo, digest);
                 Decision::Allowed { stale: false }
             }
             Ok(resp) if is_outage(resp.status()) => offline(Error::UpstreamUnreachable(format!(
@@ -196,7 +201,7 @@ impl AccessCache {
                     self.forget(repo, cred);
                 }
                 if status == StatusCode::NOT_FOUND {
-                    let _ = index.forget_present(repo, digest);
+                    index.present().forget(repo, digest);
                 }
                 Decision::Denied
             }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::clock::Clock;
+use crate::index::TreeBounds;
 
 /// Everything `graft serve` needs, after defaults, file and overrides.
 #[derive(Clone, Debug)]
@@ -19,6 +20,7 @@ pub struct Config {
     pub log: LogConfig,
     pub referrers: ReferrersConfig,
     pub cache: CacheConfig,
+    pub index: IndexConfig,
     /// Not a key: the time source for everything that expires. Tests give a
     /// [`Clock::skewable`] one to test expiry without sleeping.
     pub clock: Clock,
@@ -37,6 +39,27 @@ pub struct CacheConfig {
     pub max_stale: Duration,
     /// How long the upstream's yes for (credentials, repository) is remembered.
     pub auth_ttl: Duration,
+}
+
+/// How the index's traffic-grown trees are pruned (see `index::prune`):
+/// each keeps entries up to a maximum age, and at most a maximum count
+/// (the oldest go first). Ages below what the cache needs are raised to it.
+#[derive(Clone, Debug)]
+pub struct IndexConfig {
+    /// How often the pruning pass runs.
+    pub prune_interval: Duration,
+    /// (repository, digest) pairs the upstream confirmed; at least `cache.max_stale`.
+    pub present: TreeBounds,
+    /// Remembered yeses per (repository, credentials); at least `cache.max_stale`.
+    pub access: TreeBounds,
+    /// Last known tag digests; at least `max(cache.tag_ttl, cache.max_stale)`.
+    pub tags: TreeBounds,
+    /// Referrers deleted through graft; at least 10 × `referrers.tag_ttl`.
+    pub tombstones: TreeBounds,
+    /// Fallback-tag entries judged not to belong; at least 10 × `referrers.tag_ttl`.
+    pub rejected: TreeBounds,
+    /// Digest of each fallback tag last read.
+    pub fallback_seen: TreeBounds,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +199,18 @@ pub struct ReferrersConfig {
     pub tag_ttl: Duration,
     /// Entries per referrers page before a `Link: rel="next"` is added.
     pub page_size: usize,
+    /// Most (repository, subject, credentials) fallback-tag checks
+    /// remembered for `tag_ttl` (about 0.5 KiB each).
+    pub recent_checks_capacity: u64,
+}
+
+const DAY: u64 = 86_400;
+
+fn bounds(max_age_secs: u64, max_entries: usize) -> TreeBounds {
+    TreeBounds {
+        max_age: Duration::from_secs(max_age_secs),
+        max_entries,
+    }
 }
 
 impl Default for Config {
@@ -212,6 +247,7 @@ impl Default for Config {
                 fallback_tag: FallbackTag::Write,
                 tag_ttl: Duration::ZERO,
                 page_size: 1000,
+                recent_checks_capacity: 10_000,
             },
             cache: CacheConfig {
                 enabled: true,
@@ -219,6 +255,15 @@ impl Default for Config {
                 tag_ttl: Duration::ZERO,
                 max_stale: Duration::from_secs(24 * 3600),
                 auth_ttl: Duration::from_secs(60),
+            },
+            index: IndexConfig {
+                prune_interval: Duration::from_secs(600),
+                present: bounds(30 * DAY, 1_000_000),
+                access: bounds(DAY, 100_000),
+                tags: bounds(7 * DAY, 200_000),
+                tombstones: bounds(30 * DAY, 100_000),
+                rejected: bounds(7 * DAY, 100_000),
+                fallback_seen: bounds(7 * DAY, 100_000),
             },
             clock: Clock::system(),
         }
@@ -391,6 +436,66 @@ const KEYS: &[(&str, Setter)] = &[
             return Err("must be at least 1".into());
         }
         c.referrers.page_size = n;
+        Ok(())
+    }),
+    ("referrers.recent_checks_capacity", |c, v| {
+        c.referrers.recent_checks_capacity = parse_size_value(v)? as u64;
+        Ok(())
+    }),
+    ("index.prune_interval", |c, v| {
+        let d = parse_duration_value(v)?;
+        if d.is_zero() {
+            return Err("must be more than 0s".into());
+        }
+        c.index.prune_interval = d;
+        Ok(())
+    }),
+    ("index.present_max_age", |c, v| {
+        c.index.present.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.present_max_entries", |c, v| {
+        c.index.present.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("index.access_max_age", |c, v| {
+        c.index.access.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.access_max_entries", |c, v| {
+        c.index.access.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("index.tags_max_age", |c, v| {
+        c.index.tags.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.tags_max_entries", |c, v| {
+        c.index.tags.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("index.tombstones_max_age", |c, v| {
+        c.index.tombstones.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.tombstones_max_entries", |c, v| {
+        c.index.tombstones.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("index.rejected_max_age", |c, v| {
+        c.index.rejected.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.rejected_max_entries", |c, v| {
+        c.index.rejected.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("index.fallback_seen_max_age", |c, v| {
+        c.index.fallback_seen.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.fallback_seen_max_entries", |c, v| {
+        c.index.fallback_seen.max_entries = parse_size_value(v)?;
         Ok(())
     }),
     ("cache.enabled", |c, v| {

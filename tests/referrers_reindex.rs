@@ -44,7 +44,8 @@ fn indexed(data_dir: &Path, repo: &str, subject: &str) -> Vec<Value> {
     let index = Index::open(&data_dir.join("index")).expect("the reindex closed the index");
     let subject: Digest = subject.parse().expect("digest");
     index
-        .referrers(&RepoName::parse(repo).expect("name"), &subject)
+        .referrers()
+        .list(&RepoName::parse(repo).expect("name"), &subject)
         .expect("list")
         .iter()
         .map(|d| serde_json::to_value(d).expect("descriptor JSON"))

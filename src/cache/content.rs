@@ -106,11 +106,11 @@ impl ContentCache {
 
     fn reconcile(&self) -> Result<(), CacheError> {
         let on_disk: HashMap<Digest, u64> = self.store.list()?.into_iter().collect();
-        let entries = self.index.cache_entries().map_err(index_err)?;
+        let entries = self.index.cache_entries().all().map_err(index_err)?;
         let mut total = 0;
         for (d, _) in &entries {
             if !on_disk.contains_key(d) {
-                self.index.remove_cache_entry(d).map_err(index_err)?;
+                self.index.cache_entries().remove(d);
             }
         }
         let known: HashMap<&Digest, &CacheEntry> = entries.iter().map(|(d, e)| (d, e)).collect();
@@ -122,7 +122,7 @@ impl ContentCache {
                     media_type: self.sniff_media_type(d, *size),
                     last_access_ms: now_millis(),
                 };
-                self.index.put_cache_entry(d, &e).map_err(index_err)?;
+                self.index.cache_entries().put(d, &e).map_err(index_err)?;
             }
         }
         self.metrics.cache_bytes.store(total, Ordering::Relaxed);
@@ -156,7 +156,8 @@ impl ContentCache {
         let (file, len) = self.store.open_file(digest)?;
         let media_type = if with_media_type {
             self.index
-                .cache_entry(digest)
+                .cache_entries()
+                .get(digest)
                 .ok()
                 .flatten()
                 .and_then(|e| e.media_type)
@@ -203,7 +204,7 @@ impl ContentCache {
             media_type: media_type.map(str::to_string),
             last_access_ms: now_millis(),
         };
-        match self.index.put_cache_entry(digest, &e) {
+        match self.index.cache_entries().put(digest, &e) {
             Ok(true) => {}
             Ok(false) => metrics::add(&self.metrics.cache_bytes, len),
             Err(e) => tracing::error!(%digest, error = %e, "cannot record a cache entry"),
@@ -270,9 +271,7 @@ impl ContentCache {
             .expect("touch map poisoned")
             .drain()
             .collect();
-        if let Err(e) = self.index.touch_cache_entries(&batch) {
-            tracing::warn!(error = %e, "cannot record cache access times");
-        }
+        self.index.cache_entries().touch(&batch);
     }
 
     /// Evicts least recently used files until the cache is at 90 % of its
@@ -305,7 +304,7 @@ impl ContentCache {
     fn evict_to(&self, target: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
         // Reads not yet written to the index would otherwise look old.
         self.flush_touches();
-        let mut entries = self.index.cache_entries().map_err(index_err)?;
+        let mut entries = self.index.cache_entries().all().map_err(index_err)?;
         entries.sort_by_key(|(_, e)| e.last_access_ms);
         let mut removed = Vec::new();
         for (d, e) in entries {
@@ -316,7 +315,7 @@ impl ContentCache {
             // finishes; the next one is a miss.
             match self.store.remove(&d) {
                 Ok(true) => {
-                    let _ = self.index.remove_cache_entry(&d);
+                    self.index.cache_entries().remove(&d);
                     self.sub_bytes(e.size);
                     metrics::inc(&self.metrics.evictions);
                     tracing::debug!(digest = %d, size = e.size, "evicted");
@@ -325,7 +324,7 @@ impl ContentCache {
                 Ok(false) => {
                     // Already gone (a verify removed it): the entry and its
                     // bytes must go too, or eviction would chase it forever.
-                    let _ = self.index.remove_cache_entry(&d);
+                    self.index.cache_entries().remove(&d);
                     self.sub_bytes(e.size);
                 }
                 Err(err) => tracing::warn!(digest = %d, error = %err, "cannot evict"),
@@ -363,7 +362,7 @@ impl ContentCache {
                 Ok(true) => {}
                 Ok(false) => {
                     self.store.remove(&d)?;
-                    let _ = self.index.remove_cache_entry(&d);
+                    self.index.cache_entries().remove(&d);
                     self.sub_bytes(size);
                     report.corrupt.push((d.clone(), size));
                 }
@@ -381,7 +380,7 @@ impl ContentCache {
     /// What the cache holds: the index's entries against the files on disk.
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
         self.flush_touches();
-        let entries = self.index.cache_entries().map_err(index_err)?;
+        let entries = self.index.cache_entries().all().map_err(index_err)?;
         let files = self.store.list()?;
         Ok(CacheStats {
             entries: entries.len(),
@@ -411,6 +410,7 @@ impl ContentCache {
     pub fn entries(&self) -> usize {
         self.index
             .cache_entries()
+            .all()
             .map(|e| e.len())
             .unwrap_or_default()
     }
@@ -428,9 +428,7 @@ impl Drop for ContentCache {
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = self.index.touch_cache_entries(&batch) {
-            tracing::warn!(error = %e, "cannot record cache access times at shutdown");
-        }
+        self.index.cache_entries().touch(&batch);
     }
 }
 
@@ -519,8 +517,16 @@ mod tests {
             }
         );
         let d = fill(&cache, 3).await;
-        let first = index.cache_entry(&d[0]).expect("read").expect("entry");
-        let last = index.cache_entry(&d[2]).expect("read").expect("entry");
+        let first = index
+            .cache_entries()
+            .get(&d[0])
+            .expect("read")
+            .expect("entry");
+        let last = index
+            .cache_entries()
+            .get(&d[2])
+            .expect("read")
+            .expect("entry");
         let s = cache.stats().expect("stats");
         assert_eq!((s.entries, s.entry_bytes), (3, 3 * KIB as u64));
         assert_eq!((s.files, s.file_bytes), (3, 3 * KIB as u64));
@@ -544,7 +550,7 @@ mod tests {
         assert!(report.unreadable.is_empty());
         assert_eq!(seen.len(), 3);
         assert!(!cache.store.contains(&d[1]));
-        assert_eq!(index.cache_entry(&d[1]).expect("read"), None);
+        assert_eq!(index.cache_entries().get(&d[1]).expect("read"), None);
         assert_eq!(cache.bytes(), 2 * KIB as u64);
         assert_eq!(cache.verify_all().expect("verify"), (2, vec![]));
     }
@@ -554,11 +560,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cache, index) = open_cache(dir.path());
         let d = fill(&cache, 1).await;
-        let stored = index.cache_entry(&d[0]).expect("read").expect("entry");
+        let stored = index
+            .cache_entries()
+            .get(&d[0])
+            .expect("read")
+            .expect("entry");
         std::thread::sleep(std::time::Duration::from_millis(3));
         cache.touch(&d[0]);
         drop(cache);
-        let after = index.cache_entry(&d[0]).expect("read").expect("entry");
+        let after = index
+            .cache_entries()
+            .get(&d[0])
+            .expect("read")
+            .expect("entry");
         assert!(after.last_access_ms > stored.last_access_ms);
     }
 }

@@ -1,14 +1,16 @@
-//! The cache's records in the index: one entry per cached file (size, media
-//! type, last access), which repositories the upstream confirmed hold a
-//! digest, and the last known digest of each tag.
+//! The cache's record of each cached file: size, media type, last access.
+//! Owned by the cache's byte budget (it evicts by last access), so pruning
+//! leaves it alone.
+//!
+//! - `cache_entries`: digest → JSON [`CacheEntry`]
 //!
 //! Last-access times are batched by the caller and written here in bulk, so
 //! the hit path never writes to sled.
 
 use serde::{Deserialize, Serialize};
 
-use super::{key, Index, IndexError};
-use crate::oci::{Digest, RepoName};
+use super::{corrupt, IndexError, Shared};
+use crate::oci::Digest;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheEntry {
@@ -20,22 +22,22 @@ pub struct CacheEntry {
     pub last_access_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TagRecord {
-    pub digest: Digest,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    /// Unix seconds of the last upstream confirmation.
-    pub checked: u64,
+#[derive(Clone)]
+pub struct CacheEntries {
+    tree: sled::Tree,
+    shared: Shared,
 }
 
-fn corrupt(e: impl std::fmt::Display) -> IndexError {
-    IndexError::Corrupt(e.to_string())
-}
+impl CacheEntries {
+    pub(super) fn open(db: &sled::Db, shared: Shared) -> Result<Self, IndexError> {
+        Ok(CacheEntries {
+            tree: db.open_tree("cache_entries")?,
+            shared,
+        })
+    }
 
-impl Index {
-    pub fn cache_entry(&self, digest: &Digest) -> Result<Option<CacheEntry>, IndexError> {
-        match self.cache_entries.get(digest.as_str())? {
+    pub fn get(&self, digest: &Digest) -> Result<Option<CacheEntry>, IndexError> {
+        match self.tree.get(digest.as_str())? {
             Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(corrupt)?)),
             None => Ok(None),
         }
@@ -43,32 +45,36 @@ impl Index {
 
     /// Records an entry; returns whether one existed (atomically, so two
     /// commits of one digest count its bytes once).
-    pub fn put_cache_entry(&self, digest: &Digest, e: &CacheEntry) -> Result<bool, IndexError> {
+    pub fn put(&self, digest: &Digest, e: &CacheEntry) -> Result<bool, IndexError> {
         let v = serde_json::to_vec(e).map_err(corrupt)?;
-        Ok(self.cache_entries.insert(digest.as_str(), v)?.is_some())
+        Ok(self.tree.insert(digest.as_str(), v)?.is_some())
     }
 
-    pub fn remove_cache_entry(&self, digest: &Digest) -> Result<(), IndexError> {
-        self.cache_entries.remove(digest.as_str())?;
-        Ok(())
+    /// Forgets an entry (best effort: a leftover record of a missing file
+    /// is dropped by the cache's next verify or lookup).
+    pub fn remove(&self, digest: &Digest) {
+        let r = self.tree.remove(digest.as_str());
+        self.shared.best_effort("cache_entries", digest, r);
     }
 
-    /// Applies batched last-access times (newer wins).
-    pub fn touch_cache_entries(&self, touched: &[(Digest, u64)]) -> Result<(), IndexError> {
+    /// Applies batched last-access times (newer wins; best effort: a lost
+    /// touch only makes an entry look older to eviction).
+    pub fn touch(&self, touched: &[(Digest, u64)]) {
         for (d, at) in touched {
-            if let Some(mut e) = self.cache_entry(d)? {
-                if *at > e.last_access_ms {
+            let r = self.get(d).and_then(|found| match found {
+                Some(mut e) if *at > e.last_access_ms => {
                     e.last_access_ms = *at;
-                    self.put_cache_entry(d, &e)?;
+                    self.put(d, &e).map(drop)
                 }
-            }
+                _ => Ok(()),
+            });
+            self.shared.best_effort("cache_entries", d, r);
         }
-        Ok(())
     }
 
     /// Every cache entry.
-    pub fn cache_entries(&self) -> Result<Vec<(Digest, CacheEntry)>, IndexError> {
-        self.cache_entries
+    pub fn all(&self) -> Result<Vec<(Digest, CacheEntry)>, IndexError> {
+        self.tree
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
@@ -80,67 +86,49 @@ impl Index {
             })
             .collect()
     }
+}
 
-    /// The upstream confirmed `repo` holds `digest`.
-    pub fn mark_present(&self, repo: &RepoName, digest: &Digest) -> Result<(), IndexError> {
-        self.present
-            .insert(key(&[repo.as_str(), digest.as_str()]), &[])?;
-        Ok(())
-    }
+#[cfg(test)]
+mod tests {
+    use super::CacheEntry;
+    use crate::index::Index;
+    use crate::oci::Digest;
 
-    pub fn is_present(&self, repo: &RepoName, digest: &Digest) -> Result<bool, IndexError> {
-        Ok(self
-            .present
-            .contains_key(key(&[repo.as_str(), digest.as_str()]))?)
-    }
-
-    /// Forgets that `repo` holds `digest` (deleted upstream).
-    pub fn forget_present(&self, repo: &RepoName, digest: &Digest) -> Result<(), IndexError> {
-        self.present
-            .remove(key(&[repo.as_str(), digest.as_str()]))?;
-        Ok(())
-    }
-
-    pub fn tag(&self, repo: &RepoName, tag: &str) -> Result<Option<TagRecord>, IndexError> {
-        match self.tags.get(key(&[repo.as_str(), tag]))? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(corrupt)?)),
-            None => Ok(None),
-        }
-    }
-
-    pub fn set_tag(&self, repo: &RepoName, tag: &str, r: &TagRecord) -> Result<(), IndexError> {
-        let v = serde_json::to_vec(r).map_err(corrupt)?;
-        self.tags.insert(key(&[repo.as_str(), tag]), v)?;
-        Ok(())
-    }
-
-    /// The upstream said yes to credentials (known by their hash only) on
-    /// `repo` at `at_secs`: kept so that cached pulls keep working offline
-    /// across a restart, within `cache.max_stale`.
-    pub fn remember_access(
-        &self,
-        repo: &RepoName,
-        cred: &[u8; 32],
-        at_secs: u64,
-    ) -> Result<(), IndexError> {
-        self.access.insert(
-            key(&[repo.as_str(), &hex::encode(cred)]),
-            &at_secs.to_be_bytes(),
-        )?;
-        Ok(())
-    }
-
-    pub fn access_remembered(&self, repo: &RepoName, cred: &[u8; 32]) -> Option<u64> {
-        let v = self
-            .access
-            .get(key(&[repo.as_str(), &hex::encode(cred)]))
-            .ok()??;
-        Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))
-    }
-
-    pub fn forget_access(&self, repo: &RepoName, cred: &[u8; 32]) -> Result<(), IndexError> {
-        self.access
-            .remove(key(&[repo.as_str(), &hex::encode(cred)]))?;
-        Ok(())
+    #[test]
+    fn touches_move_last_access_forward_only_and_count_failures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ix = Index::open(dir.path()).expect("open");
+        let c = ix.cache_entries();
+        let (d1, d2) = (Digest::sha256_of(b"1"), Digest::sha256_of(b"2"));
+        let e = CacheEntry {
+            size: 3,
+            media_type: None,
+            last_access_ms: 100,
+        };
+        assert!(!c.put(&d1, &e).expect("put"));
+        assert!(c.put(&d1, &e).expect("put again"));
+        c.touch(&[(d1.clone(), 50)]);
+        assert_eq!(
+            c.get(&d1).expect("get").map(|e| e.last_access_ms),
+            Some(100)
+        );
+        c.touch(&[(d1.clone(), 200)]);
+        assert_eq!(
+            c.get(&d1).expect("get").map(|e| e.last_access_ms),
+            Some(200)
+        );
+        assert_eq!(ix.write_failures(), 0);
+        // A record that no longer parses (a torn or foreign value) makes
+        // its touch fail: counted, not fatal, and the others still apply.
+        c.tree.insert(d2.as_str(), &b"{not json"[..]).expect("raw");
+        c.touch(&[(d2.clone(), 300), (d1.clone(), 300)]);
+        assert_eq!(ix.write_failures(), 1);
+        assert_eq!(
+            c.get(&d1).expect("get").map(|e| e.last_access_ms),
+            Some(300)
+        );
+        c.remove(&d1);
+        assert_eq!(c.get(&d1).expect("get"), None);
+        assert!(c.all().is_err(), "a corrupt record is reported when read");
     }
 }

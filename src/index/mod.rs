@@ -1,49 +1,79 @@
-//! The index: the only code that opens sled.
+//! The index: the only code that opens sled, as one typed store per concern.
 //!
-//! Trees, keyed with NUL separators (names and digests never contain NUL)
-//! so that one subject's referrers are a prefix scan:
+//! [`Index`] opens the database and hands out the stores; each store owns
+//! its trees and says what it keeps:
 //!
-//! - `referrers`: repo ∅ subject ∅ referrer → descriptor JSON
-//! - `by_referrer`: repo ∅ referrer ∅ subject → () (deletes find subjects)
-//! - `tombstones`: repo ∅ digest → () (deleted through graft; entries of
-//!   stale fallback tags must not bring them back)
-//! - `rejected`: repo ∅ subject ∅ referrer → () (fallback-tag entries whose
-//!   manifest did not name the subject; checked once)
-//! - `fallback_seen`: repo ∅ subject → digest of the fallback tag last read
-//! - `intents`: repo ∅ subject ∅ referrer → descriptor JSON, written before
-//!   a subject push is forwarded, removed once index and tag are written
-//! - `tag_writes`: repo ∅ subject → () (a fallback-tag write is owed)
-//! - `delete_intents`: repo ∅ referrer → (), written before a `DELETE` of
-//!   an indexed referrer is forwarded, removed once the index follows
-//! - `cache_entries`: digest → size, media type, last access (the cache)
-//! - `present`: repo ∅ digest → () (the upstream confirmed repo holds it)
-//! - `tags`: repo ∅ tag → last known digest and when it was confirmed
-//! - `access`: repo ∅ sha256(credentials) → when the upstream last said yes
-//! - `meta`: `schema_version`
+//! - [`ReferrerStore`] (`referrers.rs`): the referrers graft knows, which
+//!   subjects a referrer belongs to, tombstones of deleted referrers,
+//!   fallback-tag entries judged not to belong, and the digest of each
+//!   fallback tag last read;
+//! - [`IntentStore`] (`intents.rs`): owed work — pushes and deletes
+//!   announced but not settled, fallback-tag writes not yet done;
+//! - [`CacheEntries`] (`cache_entries.rs`): one record per cached file;
+//! - [`TagStore`] (`tags.rs`): the last known digest of each tag;
+//! - [`PresentStore`] (`present.rs`): which repositories the upstream
+//!   confirmed hold a digest;
+//! - [`AccessStore`] (`access.rs`): when the upstream last said yes to a
+//!   client's credentials (as an HMAC, never the credentials).
 //!
-//! Writes that must survive a crash are flushed before they are
-//! acknowledged.
+//! Keys are parts joined by NUL (names and digests never contain NUL), so a
+//! subject's referrers are one prefix scan. Trees that grow with traffic
+//! carry a Unix-seconds stamp in their values and are pruned by age and
+//! count in the background (`prune.rs`); owed work and the referrers
+//! themselves never are.
+//!
+//! Writes come in two kinds. Those that must survive (intents, referrers,
+//! owed tag writes) return `Result` and are flushed before they are
+//! acknowledged. Best-effort ones (presence, tags, access, rejections,
+//! fallback-tag digests, touches, cache-entry removal) return `()`: a
+//! failure is logged with what it was about and counted in
+//! [`Index::write_failures`], because losing one only costs a later upstream
+//! round trip.
 
+mod access;
 mod cache_entries;
+mod intents;
+mod present;
+mod prune;
+mod referrers;
+mod schema;
+mod tags;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-pub use cache_entries::{CacheEntry, TagRecord};
+pub use access::AccessStore;
+pub use cache_entries::{CacheEntries, CacheEntry};
+pub use intents::{Intent, IntentStore};
+pub use present::PresentStore;
+// The server part spawns it from `lib.rs` (merged separately).
+#[allow(unused_imports)]
+pub(crate) use prune::prune_periodically;
+pub use prune::{PruneBounds, PruneReport, TreeBounds, TreePruned};
+pub use referrers::ReferrerStore;
+pub use tags::{TagRecord, TagStore};
 
-use crate::oci::{Descriptor, Digest, RepoName};
+use crate::clock::Clock;
 
-const SCHEMA_VERSION: &[u8] = b"1";
-
+/// Why the index could not do what was asked. sled's own errors stay
+/// inside: callers see what failed, as text.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("index storage: {0}")]
-    Sled(#[from] sled::Error),
+    Storage(String),
     #[error("index holds unreadable data: {0}")]
     Corrupt(String),
-    #[error("index at {path} is in use by another graft process (stop it first): {source}")]
-    Locked { path: String, source: sled::Error },
+    #[error("index at {path} is in use by another graft process (stop it first): {reason}")]
+    Locked { path: String, reason: String },
     #[error("index schema version {found} is not supported (expected {expected})")]
     Schema { found: String, expected: String },
+}
+
+impl From<sled::Error> for IndexError {
+    fn from(e: sled::Error) -> Self {
+        IndexError::Storage(e.to_string())
+    }
 }
 
 impl From<IndexError> for crate::error::Error {
@@ -52,30 +82,169 @@ impl From<IndexError> for crate::error::Error {
     }
 }
 
-/// The referrers index.
+/// The index: cheap to clone, every clone is the same database.
 #[derive(Clone)]
 pub struct Index {
     db: sled::Db,
-    referrers: sled::Tree,
-    by_referrer: sled::Tree,
-    tombstones: sled::Tree,
-    rejected: sled::Tree,
-    fallback_seen: sled::Tree,
-    intents: sled::Tree,
-    tag_writes: sled::Tree,
-    cache_entries: sled::Tree,
-    present: sled::Tree,
-    tags: sled::Tree,
-    access: sled::Tree,
-    delete_intents: sled::Tree,
+    referrers: ReferrerStore,
+    intents: IntentStore,
+    cache_entries: CacheEntries,
+    tags: TagStore,
+    present: PresentStore,
+    access: AccessStore,
+    shared: Shared,
 }
 
-/// A push of a referrer that was announced but not yet completed.
-#[derive(Debug, Clone)]
-pub struct Intent {
-    pub repo: RepoName,
-    pub subject: Digest,
-    pub descriptor: Descriptor,
+/// What every store needs besides its trees: the time its stamps come
+/// from, and the counter its best-effort failures go to.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    clock: Clock,
+    write_failures: Arc<AtomicU64>,
+    pruned: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn now_secs(&self) -> u64 {
+        self.clock.now_secs()
+    }
+
+    /// Settles a best-effort write: a failure is logged with what it was
+    /// about (never credentials) and counted.
+    fn best_effort<T, E: std::fmt::Display>(
+        &self,
+        tree: &'static str,
+        about: &dyn std::fmt::Display,
+        r: Result<T, E>,
+    ) {
+        if let Err(e) = r {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(tree, about = %about, error = %e, "best-effort index write failed");
+        }
+    }
+}
+
+/// Whether sled failed to open because another process holds its lock.
+///
+/// sled 0.34 does not pass the `flock` error through: it wraps it in an
+/// `ErrorKind::Other` whose only trace is the message ("could not acquire
+/// lock on …: … WouldBlock …"), so the message is what can be matched.
+fn is_lock_conflict(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.raw_os_error() == Some(11)
+                || io.to_string().starts_with("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
+impl Index {
+    /// Opens (or creates) the index under `dir`, stamping with the system
+    /// clock.
+    pub fn open(dir: &Path) -> Result<Index, IndexError> {
+        Index::open_with_clock(dir, Clock::system())
+    }
+
+    /// Opens (or creates) the index under `dir`; `clock` stamps the values
+    /// pruning judges by (`Config.clock`, skewable in tests).
+    pub fn open_with_clock(dir: &Path, clock: Clock) -> Result<Index, IndexError> {
+        std::fs::create_dir_all(dir).map_err(|e| IndexError::Storage(e.to_string()))?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            if is_lock_conflict(&e) {
+                IndexError::Locked {
+                    path: dir.display().to_string(),
+                    reason: e.to_string(),
+                }
+            } else {
+                IndexError::from(e)
+            }
+        })?;
+        schema::check_and_migrate(&db, clock.now_secs())?;
+        let shared = Shared {
+            clock,
+            write_failures: Arc::default(),
+            pruned: Arc::default(),
+        };
+        Ok(Index {
+            referrers: ReferrerStore::open(&db, shared.clone())?,
+            intents: IntentStore::open(&db)?,
+            cache_entries: CacheEntries::open(&db, shared.clone())?,
+            tags: TagStore::open(&db, shared.clone())?,
+            present: PresentStore::open(&db, shared.clone())?,
+            access: AccessStore::open(&db, shared.clone())?,
+            shared,
+            db,
+        })
+    }
+
+    pub fn referrers(&self) -> &ReferrerStore {
+        &self.referrers
+    }
+
+    pub fn intents(&self) -> &IntentStore {
+        &self.intents
+    }
+
+    pub fn cache_entries(&self) -> &CacheEntries {
+        &self.cache_entries
+    }
+
+    pub fn tags(&self) -> &TagStore {
+        &self.tags
+    }
+
+    pub fn present(&self) -> &PresentStore {
+        &self.present
+    }
+
+    pub fn access(&self) -> &AccessStore {
+        &self.access
+    }
+
+    /// The clock the index stamps with.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    /// Best-effort writes that failed since open (metric
+    /// `graft_index_write_failures_total`).
+    pub fn write_failures(&self) -> u64 {
+        self.shared.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// Entries pruning removed since open (metric
+    /// `graft_index_pruned_total`).
+    pub fn pruned(&self) -> u64 {
+        self.shared.pruned.load(Ordering::Relaxed)
+    }
+
+    /// Makes every write so far durable.
+    ///
+    /// A blocking `flush` on the blocking pool: sled 0.34's `flush_async`
+    /// never wakes some of its waiters when several flush at once
+    /// (spacejam/sled#1308), which hung concurrent pushes.
+    pub async fn flush(&self) -> Result<(), IndexError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| IndexError::Storage(format!("flush task: {e}")))??;
+        Ok(())
+    }
+
+    /// Runs `work` on the blocking pool, so sled reads never stall an async
+    /// worker. Meant for a batch of index work, not one call per key.
+    pub(crate) async fn blocking<T, F>(&self, work: F) -> Result<T, IndexError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Index) -> Result<T, IndexError> + Send + 'static,
+    {
+        let index = self.clone();
+        tokio::task::spawn_blocking(move || work(&index))
+            .await
+            .map_err(|e| IndexError::Storage(format!("index task: {e}")))?
+    }
 }
 
 fn key(parts: &[&str]) -> Vec<u8> {
@@ -104,338 +273,25 @@ fn split(k: &[u8]) -> Result<Vec<String>, IndexError> {
         .collect()
 }
 
-/// Whether sled failed to open because another process holds its lock.
-///
-/// sled 0.34 does not pass the `flock` error through: it wraps it in an
-/// `ErrorKind::Other` whose only trace is the message ("could not acquire
-/// lock on …: … WouldBlock …"), so the message is what can be matched.
-fn is_lock_conflict(e: &sled::Error) -> bool {
-    match e {
-        sled::Error::Io(io) => {
-            io.kind() == std::io::ErrorKind::WouldBlock
-                || io.raw_os_error() == Some(11)
-                || io.to_string().starts_with("could not acquire lock")
-        }
-        _ => false,
-    }
+fn corrupt(e: impl std::fmt::Display) -> IndexError {
+    IndexError::Corrupt(e.to_string())
 }
 
-impl Index {
-    /// Opens (or creates) the index under `dir`.
-    pub fn open(dir: &Path) -> Result<Index, IndexError> {
-        std::fs::create_dir_all(dir).map_err(|e| IndexError::Sled(e.into()))?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            if is_lock_conflict(&e) {
-                IndexError::Locked {
-                    path: dir.display().to_string(),
-                    source: e,
-                }
-            } else {
-                IndexError::Sled(e)
-            }
-        })?;
-        let meta = db.open_tree("meta")?;
-        match meta.get("schema_version")? {
-            None => {
-                meta.insert("schema_version", SCHEMA_VERSION)?;
-            }
-            Some(v) if v.as_ref() == SCHEMA_VERSION => {}
-            Some(v) => {
-                return Err(IndexError::Schema {
-                    found: String::from_utf8_lossy(&v).into_owned(),
-                    expected: String::from_utf8_lossy(SCHEMA_VERSION).into_owned(),
-                })
-            }
-        }
-        Ok(Index {
-            referrers: db.open_tree("referrers")?,
-            by_referrer: db.open_tree("by_referrer")?,
-            tombstones: db.open_tree("tombstones")?,
-            rejected: db.open_tree("rejected")?,
-            fallback_seen: db.open_tree("fallback_seen")?,
-            intents: db.open_tree("intents")?,
-            tag_writes: db.open_tree("tag_writes")?,
-            cache_entries: db.open_tree("cache_entries")?,
-            present: db.open_tree("present")?,
-            tags: db.open_tree("tags")?,
-            access: db.open_tree("access")?,
-            delete_intents: db.open_tree("delete_intents")?,
-            db,
-        })
-    }
+/// A value that is only a stamp: Unix seconds, big-endian.
+fn stamp(secs: u64) -> [u8; 8] {
+    secs.to_be_bytes()
+}
 
-    /// Makes every write so far durable.
-    ///
-    /// A blocking `flush` on the blocking pool: sled 0.34's `flush_async`
-    /// never wakes some of its waiters when several flush at once
-    /// (spacejam/sled#1308), which hung concurrent pushes.
-    pub async fn flush(&self) -> Result<(), IndexError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| IndexError::Corrupt(format!("flush task: {e}")))??;
-        Ok(())
-    }
-
-    /// The referrers of `subject` in `repo`, ordered by digest.
-    pub fn referrers(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-    ) -> Result<Vec<Descriptor>, IndexError> {
-        self.referrers
-            .scan_prefix(prefix(&[repo.as_str(), subject.as_str()]))
-            .values()
-            .map(|v| {
-                let v = v?;
-                serde_json::from_slice(&v).map_err(|e| IndexError::Corrupt(e.to_string()))
-            })
-            .collect()
-    }
-
-    pub fn contains(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        referrer: &Digest,
-    ) -> Result<bool, IndexError> {
-        Ok(self.referrers.contains_key(key(&[
-            repo.as_str(),
-            subject.as_str(),
-            referrer.as_str(),
-        ]))?)
-    }
-
-    /// Adds (or replaces) a referrer. Returns whether it was new. Clears a
-    /// tombstone: the digest was pushed again.
-    pub fn add(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        d: &Descriptor,
-    ) -> Result<bool, IndexError> {
-        let value = serde_json::to_vec(d).map_err(|e| IndexError::Corrupt(e.to_string()))?;
-        let prev = self.referrers.insert(
-            key(&[repo.as_str(), subject.as_str(), d.digest.as_str()]),
-            value,
-        )?;
-        self.by_referrer.insert(
-            key(&[repo.as_str(), d.digest.as_str(), subject.as_str()]),
-            &[],
-        )?;
-        self.tombstones
-            .remove(key(&[repo.as_str(), d.digest.as_str()]))?;
-        Ok(prev.is_none())
-    }
-
-    /// Removes `digest` as a referrer of every subject in `repo` and
-    /// remembers it was deleted. Returns the subjects it referred to.
-    pub fn remove_referrer(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Vec<Digest>, IndexError> {
-        let subjects = self.subjects_of(repo, digest)?;
-        for subject in &subjects {
-            self.referrers
-                .remove(key(&[repo.as_str(), subject.as_str(), digest.as_str()]))?;
-            self.by_referrer
-                .remove(key(&[repo.as_str(), digest.as_str(), subject.as_str()]))?;
-        }
-        self.tombstones
-            .insert(key(&[repo.as_str(), digest.as_str()]), &[])?;
-        Ok(subjects)
-    }
-
-    /// The subjects `digest` is indexed as a referrer of.
-    pub fn subjects_of(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Digest>, IndexError> {
-        let mut out = Vec::new();
-        for k in self
-            .by_referrer
-            .scan_prefix(prefix(&[repo.as_str(), digest.as_str()]))
-            .keys()
-        {
-            let parts = split(&k?)?;
-            out.push(
-                parts
-                    .get(2)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| IndexError::Corrupt("by_referrer key".into()))?,
-            );
-        }
-        Ok(out)
-    }
-
-    pub fn is_tombstoned(&self, repo: &RepoName, digest: &Digest) -> Result<bool, IndexError> {
-        Ok(self
-            .tombstones
-            .contains_key(key(&[repo.as_str(), digest.as_str()]))?)
-    }
-
-    pub fn is_rejected(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        referrer: &Digest,
-    ) -> Result<bool, IndexError> {
-        Ok(self.rejected.contains_key(key(&[
-            repo.as_str(),
-            subject.as_str(),
-            referrer.as_str(),
-        ]))?)
-    }
-
-    pub fn reject(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        referrer: &Digest,
-    ) -> Result<(), IndexError> {
-        self.rejected.insert(
-            key(&[repo.as_str(), subject.as_str(), referrer.as_str()]),
-            &[],
-        )?;
-        Ok(())
-    }
-
-    /// The digest of the fallback tag graft last read for `subject`.
-    pub fn fallback_seen(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-    ) -> Result<Option<String>, IndexError> {
-        Ok(self
-            .fallback_seen
-            .get(key(&[repo.as_str(), subject.as_str()]))?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
-    pub fn set_fallback_seen(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        tag_digest: &str,
-    ) -> Result<(), IndexError> {
-        self.fallback_seen.insert(
-            key(&[repo.as_str(), subject.as_str()]),
-            tag_digest.as_bytes(),
-        )?;
-        Ok(())
-    }
-
-    /// Records that a referrer push is about to be forwarded.
-    pub fn add_intent(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        d: &Descriptor,
-    ) -> Result<(), IndexError> {
-        let value = serde_json::to_vec(d).map_err(|e| IndexError::Corrupt(e.to_string()))?;
-        self.intents.insert(
-            key(&[repo.as_str(), subject.as_str(), d.digest.as_str()]),
-            value,
-        )?;
-        Ok(())
-    }
-
-    pub fn remove_intent(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-        referrer: &Digest,
-    ) -> Result<(), IndexError> {
-        self.intents
-            .remove(key(&[repo.as_str(), subject.as_str(), referrer.as_str()]))?;
-        Ok(())
-    }
-
-    pub fn intents(&self) -> Result<Vec<Intent>, IndexError> {
-        let mut out = Vec::new();
-        for kv in self.intents.iter() {
-            let (k, v) = kv?;
-            let parts = split(&k)?;
-            let (Some(repo), Some(subject)) = (parts.first(), parts.get(1)) else {
-                return Err(IndexError::Corrupt("intent key".into()));
-            };
-            out.push(Intent {
-                repo: RepoName::parse(repo).map_err(|e| IndexError::Corrupt(e.to_string()))?,
-                subject: subject
-                    .parse()
-                    .map_err(|_| IndexError::Corrupt("intent subject".into()))?,
-                descriptor: serde_json::from_slice(&v)
-                    .map_err(|e| IndexError::Corrupt(e.to_string()))?,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Records that a `DELETE` of the referrer `digest` is about to be
-    /// forwarded.
-    pub fn add_delete_intent(&self, repo: &RepoName, digest: &Digest) -> Result<(), IndexError> {
-        self.delete_intents
-            .insert(key(&[repo.as_str(), digest.as_str()]), &[])?;
-        Ok(())
-    }
-
-    pub fn remove_delete_intent(&self, repo: &RepoName, digest: &Digest) -> Result<(), IndexError> {
-        self.delete_intents
-            .remove(key(&[repo.as_str(), digest.as_str()]))?;
-        Ok(())
-    }
-
-    pub fn delete_intents(&self) -> Result<Vec<(RepoName, Digest)>, IndexError> {
-        let mut out = Vec::new();
-        for k in self.delete_intents.iter().keys() {
-            let parts = split(&k?)?;
-            let (Some(repo), Some(digest)) = (parts.first(), parts.get(1)) else {
-                return Err(IndexError::Corrupt("delete_intents key".into()));
-            };
-            out.push((
-                RepoName::parse(repo).map_err(|e| IndexError::Corrupt(e.to_string()))?,
-                digest
-                    .parse()
-                    .map_err(|_| IndexError::Corrupt("delete_intents digest".into()))?,
-            ));
-        }
-        Ok(out)
-    }
-
-    /// Records that the fallback tag of `subject` must be rewritten.
-    pub fn owe_tag_write(&self, repo: &RepoName, subject: &Digest) -> Result<(), IndexError> {
-        self.tag_writes
-            .insert(key(&[repo.as_str(), subject.as_str()]), &[])?;
-        Ok(())
-    }
-
-    pub fn tag_write_done(&self, repo: &RepoName, subject: &Digest) -> Result<(), IndexError> {
-        self.tag_writes
-            .remove(key(&[repo.as_str(), subject.as_str()]))?;
-        Ok(())
-    }
-
-    pub fn owed_tag_writes(&self) -> Result<Vec<(RepoName, Digest)>, IndexError> {
-        let mut out = Vec::new();
-        for k in self.tag_writes.iter().keys() {
-            let parts = split(&k?)?;
-            let (Some(repo), Some(subject)) = (parts.first(), parts.get(1)) else {
-                return Err(IndexError::Corrupt("tag_writes key".into()));
-            };
-            out.push((
-                RepoName::parse(repo).map_err(|e| IndexError::Corrupt(e.to_string()))?,
-                subject
-                    .parse()
-                    .map_err(|_| IndexError::Corrupt("tag_writes subject".into()))?,
-            ));
-        }
-        Ok(out)
-    }
+/// The stamp at the start of a value, if it has one.
+fn stamp_of(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use crate::oci::{Descriptor, Digest};
 
-    fn desc(n: u8) -> Descriptor {
+    pub fn desc(n: u8) -> Descriptor {
         serde_json::from_value(serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": Digest::sha256_of(&[n]).to_string(),
@@ -444,44 +300,11 @@ mod tests {
         }))
         .expect("descriptor")
     }
+}
 
-    #[test]
-    fn referrers_are_scoped_by_repository_and_subject() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ix = Index::open(dir.path()).expect("open");
-        let a = RepoName::parse("a").expect("name");
-        let a2 = RepoName::parse("a2").expect("name");
-        let s = Digest::sha256_of(b"subject");
-        assert!(ix.add(&a, &s, &desc(1)).expect("add"));
-        assert!(!ix.add(&a, &s, &desc(1)).expect("add"));
-        ix.add(&a, &s, &desc(2)).expect("add");
-        ix.add(&a2, &s, &desc(3)).expect("add");
-        assert_eq!(ix.referrers(&a, &s).expect("list").len(), 2);
-        assert_eq!(ix.referrers(&a2, &s).expect("list").len(), 1);
-        assert!(ix
-            .referrers(&a, &Digest::sha256_of(b"other"))
-            .expect("list")
-            .is_empty());
-    }
-
-    #[test]
-    fn removing_a_referrer_reports_its_subjects_and_leaves_a_tombstone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ix = Index::open(dir.path()).expect("open");
-        let a = RepoName::parse("a").expect("name");
-        let (s1, s2) = (Digest::sha256_of(b"1"), Digest::sha256_of(b"2"));
-        ix.add(&a, &s1, &desc(1)).expect("add");
-        ix.add(&a, &s2, &desc(1)).expect("add");
-        let mut subjects = ix.remove_referrer(&a, &desc(1).digest).expect("remove");
-        subjects.sort();
-        let mut want = vec![s1.clone(), s2];
-        want.sort();
-        assert_eq!(subjects, want);
-        assert!(ix.referrers(&a, &s1).expect("list").is_empty());
-        assert!(ix.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
-        ix.add(&a, &s1, &desc(1)).expect("re-add");
-        assert!(!ix.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn a_second_open_of_a_held_index_reports_it_is_locked() {
@@ -494,31 +317,5 @@ mod tests {
             Err(other) => panic!("expected Locked, got {other}"),
             Ok(_) => panic!("a held index opened twice"),
         }
-    }
-
-    #[test]
-    fn intents_and_owed_writes_survive_reopening() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let a = RepoName::parse("a/b").expect("name");
-        let s = Digest::sha256_of(b"s");
-        {
-            let ix = Index::open(dir.path()).expect("open");
-            ix.add_intent(&a, &s, &desc(7)).expect("intent");
-            ix.owe_tag_write(&a, &s).expect("owe");
-            ix.db.flush().expect("flush");
-        }
-        let ix = Index::open(dir.path()).expect("reopen");
-        let intents = ix.intents().expect("intents");
-        assert_eq!(intents.len(), 1);
-        assert_eq!(intents[0].repo, a);
-        assert_eq!(intents[0].descriptor, desc(7));
-        assert_eq!(
-            ix.owed_tag_writes().expect("owed"),
-            vec![(a.clone(), s.clone())]
-        );
-        ix.remove_intent(&a, &s, &desc(7).digest).expect("rm");
-        ix.tag_write_done(&a, &s).expect("done");
-        assert!(ix.intents().expect("intents").is_empty());
-        assert!(ix.owed_tag_writes().expect("owed").is_empty());
     }
 }

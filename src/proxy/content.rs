@@ -156,7 +156,7 @@ async fn fetch(
             return Ok(Response::from_parts(parts, body::boxed(incoming)));
         }
         proxy.access.remember_yes(&name, cred);
-        let _ = proxy.referrers.index().mark_present(&name, &digest);
+        proxy.referrers.index().present().mark(&name, &digest);
         let len = content_length(resp.headers());
         let content_type = resp
             .headers()
@@ -231,7 +231,7 @@ pub(crate) async fn by_tag(
     let index = proxy.referrers.index();
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
     let cred = proxy.access.key(auth.as_ref());
-    let known = index.tag(&name, &tag).ok().flatten();
+    let known = index.tags().get(&name, &tag).ok().flatten();
     let cfg = cache.config();
     let want = Want::of(&req);
 
@@ -313,8 +313,8 @@ pub(crate) async fn by_tag(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     proxy.access.remember_yes(&name, cred);
-    let _ = index.mark_present(&name, &digest);
-    let _ = index.set_tag(
+    index.present().mark(&name, &digest);
+    index.tags().set(
         &name,
         &tag,
         &TagRecord {

@@ -42,7 +42,7 @@ pub(crate) async fn handle(
             };
             let accepted = resp.status().is_success();
             if accepted {
-                let _ = referrers.index().forget_present(&name, &digest);
+                referrers.index().present().forget(&name, &digest);
             }
             referrers
                 .after_delete(&name, &digest, accepted, auth.as_ref())
@@ -212,11 +212,11 @@ impl Push<'_> {
                 // Write-through: a CI job that pushes then pulls never goes
                 // upstream for these bytes.
                 let digest = Digest::sha256_of(&self.bytes);
-                let _ = self
-                    .proxy
+                self.proxy
                     .referrers
                     .index()
-                    .mark_present(&self.name, &digest);
+                    .present()
+                    .mark(&self.name, &digest);
                 cache
                     .store_bytes(&digest, self.bytes, self.content_type)
                     .await;

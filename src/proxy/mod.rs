@@ -55,7 +55,8 @@ impl Proxy {
         let keys = CredentialKeys::load_or_create(&config.storage.data_dir).map_err(|e| {
             Error::Internal(format!("credentials secret in the data directory: {e}"))
         })?;
-        let index = Index::open(&config.storage.data_dir.join("index"))?;
+        let index =
+            Index::open_with_clock(&config.storage.data_dir.join("index"), config.clock.clone())?;
         let referrers = Referrers::new(
             index.clone(),
             upstream.clone(),
@@ -185,7 +186,7 @@ impl Proxy {
                     if resp.status().is_success() {
                         // The cached bytes may stay (other repositories can
                         // hold them); this repository no longer does.
-                        let _ = self.referrers.index().forget_present(&name, &digest);
+                        self.referrers.index().present().forget(&name, &digest);
                     }
                     Ok(resp)
                 }

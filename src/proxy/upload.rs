@@ -115,7 +115,7 @@ async fn finish(
     if status != StatusCode::CREATED {
         return;
     }
-    let _ = proxy.referrers.index().mark_present(name, digest);
+    proxy.referrers.index().present().mark(name, digest);
     if let Some(w) = writer {
         cache.commit_upload(w, digest).await;
     }

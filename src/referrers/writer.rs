@@ -33,8 +33,9 @@ pub struct TagGuard {
 impl TagWriter {
     fn slot(&self, repo: &RepoName, tag: &str) -> Arc<Slot> {
         let mut slots = self.slots.lock().expect("tag writer map poisoned");
-        // Drop idle slots now and then so the map does not grow with every
-        // subject ever written; losing one only costs a redundant write.
+        // Drop idle slots past 4096 so the map does not grow with every
+        // subject ever written: it holds at most 4096 entries plus those in
+        // use right now. Losing an idle one only costs a redundant write.
         if slots.len() > 4096 {
             slots.retain(|_, s| Arc::strong_count(s) > 1);
         }

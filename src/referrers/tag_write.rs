@@ -1,0 +1,261 @@
+//! Keeping the upstream's fallback tags true. Every write is a merge: read
+//! the tag, ingest what graft does not know, write the union — so entries
+//! written by clients that bypass graft survive. Writes for one
+//! (repository, tag) are serialized by [`super::writer::TagWriter`].
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode};
+
+use super::fallback::{self, TagRead};
+use super::ingest::Holder;
+use super::{subject_of_tag, Access, Referrers};
+use crate::error::Error;
+use crate::oci::{media, Descriptor, Digest, ImageIndex, RepoName};
+
+impl Referrers {
+    /// Brings the upstream fallback tag of `subject` up to date (best
+    /// effort: a failure leaves the write owed, retried later).
+    pub async fn write_tag(&self, repo: &RepoName, subject: &Digest, auth: Option<&HeaderValue>) {
+        let ticket = self.writer.want(repo, &subject.fallback_tag());
+        let guard = self.writer.lock(repo, &subject.fallback_tag()).await;
+        if guard.covers(ticket) {
+            // A write that started after our change was indexed has already
+            // carried it.
+            return;
+        }
+        let gen = guard.current();
+        if self.write_tag_locked(repo, subject, auth).await {
+            guard.done(gen);
+        }
+    }
+
+    /// The write itself; the caller holds the tag's lock. Returns success.
+    async fn write_tag_locked(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> bool {
+        if let Err(e) = self.try_write_tag(repo, subject, auth).await {
+            tracing::warn!(%repo, %subject, error = %e, "fallback tag write failed; it stays owed");
+            return false;
+        }
+        let (r, s) = (repo.clone(), subject.clone());
+        let cleared = self
+            .index
+            .blocking(move |ix| ix.intents().tag_write_done(&r, &s))
+            .await;
+        if let Err(e) = cleared {
+            // Written but still marked owed: the next recovery rewrites the
+            // same content, which changes nothing.
+            tracing::error!(%repo, %subject, error = %e, "cannot clear an owed tag write");
+        }
+        true
+    }
+
+    async fn try_write_tag(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let current = match self.read_fallback(repo, subject, auth, false).await? {
+            Access::Denied(d) => {
+                return Err(Error::UpstreamRefused {
+                    status: d.status,
+                    what: format!("graft's read of the fallback tag of {subject} in {repo}"),
+                })
+            }
+            Access::Granted(t) => t,
+        };
+        let (entries, complete) = self.merged(repo, subject, current.as_ref(), auth).await?;
+        let unchanged = current.as_ref().is_some_and(|t| {
+            t.index.len() == entries.len() && entries.iter().all(|k| t.index.iter().any(|m| m == k))
+        });
+        if unchanged {
+            return Ok(());
+        }
+        let digest = self.put_tag(repo, subject, entries, auth).await?;
+        if complete {
+            // Otherwise the next query must read the tag again, to judge
+            // what could not be judged now.
+            let (r, s) = (repo.clone(), subject.clone());
+            self.index
+                .blocking(move |ix| {
+                    ix.referrers().set_fallback_seen(&r, &s, digest.as_str());
+                    Ok(())
+                })
+                .await?;
+        }
+        self.index.flush().await?;
+        Ok(())
+    }
+
+    /// The entries the tag should hold: what the index knows after
+    /// ingesting the current tag, plus the tag's entries the upstream could
+    /// not judge now (dropping them on a transient error would delete
+    /// referrers other clients wrote). Also whether every entry was judged.
+    async fn merged(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        current: Option<&TagRead>,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(Vec<Descriptor>, bool), Error> {
+        let undecided = match current {
+            Some(t) => {
+                self.ingest(repo, Holder::Subject(subject), &t.index, auth)
+                    .await?
+                    .undecided
+            }
+            None => Vec::new(),
+        };
+        let (r, s) = (repo.clone(), subject.clone());
+        let mut entries = self
+            .index
+            .blocking(move |ix| ix.referrers().list(&r, &s))
+            .await?;
+        let complete = undecided.is_empty();
+        for u in undecided {
+            if !entries.iter().any(|e| e.digest == u.digest) {
+                entries.push(u);
+            }
+        }
+        entries.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok((entries, complete))
+    }
+
+    /// PUTs the fallback tag of `subject`; returns the digest written.
+    async fn put_tag(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        entries: Vec<Descriptor>,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Digest, Error> {
+        let bytes = Bytes::from(ImageIndex::of(entries).to_bytes());
+        let digest = Digest::sha256_of(&bytes);
+        let path = format!("/v2/{repo}/manifests/{}", subject.fallback_tag());
+        let ct = [(header::CONTENT_TYPE, media::IMAGE_INDEX)];
+        let resp = self
+            .upstream
+            .call(Method::PUT, &path, auth, &ct, bytes)
+            .await?;
+        if !resp.status().is_success() {
+            return Err(fallback::refused(resp.status(), &path, "PUT"));
+        }
+        Ok(digest)
+    }
+
+    /// A client wrote a fallback tag itself (`PUT …/manifests/<alg>-<hex>`)
+    /// and the upstream accepted it: learn its entries, and when graft knows
+    /// referrers it lacks (the client lost a read-modify-write race), push
+    /// the merged index. The caller holds the subject's write lock.
+    pub async fn after_client_tag_put(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        body: &[u8],
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let Ok(index) = serde_json::from_slice::<ImageIndex>(body) else {
+            return Ok(());
+        };
+        let subject = subject_of_tag(tag);
+        let holder = subject.as_ref().map_or(Holder::Tag(tag), Holder::Subject);
+        self.ingest(repo, holder, &index.manifests, auth).await?;
+        let listed: Vec<Digest> = index.manifests.iter().map(|m| m.digest.clone()).collect();
+        for (s, known) in self.subjects_of_tag(repo, tag, subject, &listed).await? {
+            self.repair_client_tag(repo, &s, known, &listed, auth)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The subjects a client-written tag stands for, each with the
+    /// referrers graft knows of it. A truncated tag does not name its
+    /// subject whole: the subjects are those its entries are indexed under.
+    async fn subjects_of_tag(
+        &self,
+        repo: &RepoName,
+        tag: &str,
+        subject: Option<Digest>,
+        listed: &[Digest],
+    ) -> Result<Vec<(Digest, Vec<Descriptor>)>, Error> {
+        let (r, tag, listed) = (repo.clone(), tag.to_string(), listed.to_vec());
+        let found = self
+            .index
+            .blocking(move |ix| {
+                let refs = ix.referrers();
+                let mut subjects: Vec<Digest> = subject.into_iter().collect();
+                if subjects.is_empty() {
+                    for e in &listed {
+                        for s in refs.subjects_of(&r, e)? {
+                            if s.fallback_tag() == tag && !subjects.contains(&s) {
+                                subjects.push(s);
+                            }
+                        }
+                    }
+                }
+                subjects
+                    .into_iter()
+                    .map(|s| Ok((s.clone(), refs.list(&r, &s)?)))
+                    .collect()
+            })
+            .await?;
+        Ok(found)
+    }
+
+    /// Repairs a client's tag for `subject` that lacks referrers graft
+    /// knows: ones deleted upstream leave the index, ones that still exist
+    /// are written back.
+    async fn repair_client_tag(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        known: Vec<Descriptor>,
+        listed: &[Digest],
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let mut lacks = false;
+        for k in known.iter().filter(|k| !listed.contains(&k.digest)) {
+            // The client may have left it out because it is gone (deleted
+            // straight at the upstream): only a referrer that still exists
+            // is a lost race to repair.
+            if self.manifest_gone(repo, &k.digest, auth).await {
+                tracing::info!(%repo, %subject, referrer = %k.digest, "referrer deleted upstream; dropped from the index");
+                let (r, d) = (repo.clone(), k.digest.clone());
+                self.index
+                    .blocking(move |ix| ix.referrers().remove_referrer(&r, &d))
+                    .await?;
+            } else {
+                lacks = true;
+            }
+        }
+        if lacks && self.writes_tags() {
+            tracing::info!(%repo, %subject, "client's fallback tag lacks known referrers; pushing the merged index");
+            let (r, s) = (repo.clone(), subject.clone());
+            self.index
+                .blocking(move |ix| ix.intents().owe_tag_write(&r, &s))
+                .await?;
+            self.index.flush().await?;
+            self.write_tag_locked(repo, subject, auth).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the upstream says the manifest no longer exists (404); any
+    /// other answer, or none, keeps it.
+    async fn manifest_gone(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> bool {
+        matches!(
+            self.head_manifest(repo, digest, auth).await,
+            Ok(StatusCode::NOT_FOUND)
+        )
+    }
+}
