@@ -16,7 +16,7 @@
 //! short-lived tokens must not grow graft's memory without end. A yes is
 //! also written to the index (as a key, at most every 30 s per key) so the
 //! offline rule holds across a restart; that copy is read on the blocking
-//! pool, only when memory has nothing, and then remembered in memory.
+//! pool, and only when memory has nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,26 +156,21 @@ impl AccessCache {
     }
 
     /// Whether a yes within `max_stale` stands (upstream unreachable),
-    /// including one persisted before a restart: that one is read from the
-    /// index on the blocking pool, and only when memory holds no yes at all
-    /// (the index copy is never newer than memory's).
+    /// including one persisted before a restart (or evicted from memory):
+    /// that one is read from the index on the blocking pool, only when
+    /// memory holds no yes at all (the index copy is never newer than
+    /// memory's). It is not copied back into memory: a no arriving while
+    /// the read runs would otherwise be undone by the copy.
     pub async fn stale_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
-        let key = (repo.clone(), cred);
-        if let Some(at) = self.yes.get(&key) {
+        if let Some(at) = self.yes.get(&(repo.clone(), cred)) {
             return self.within(at, self.max_stale);
         }
-        let index = self.index.clone();
-        let (r, c) = key.clone();
-        let persisted = tokio::task::spawn_blocking(move || index.access_remembered(&r, &c))
+        let (index, repo) = (self.index.clone(), repo.clone());
+        tokio::task::spawn_blocking(move || index.access_remembered(&repo, &cred))
             .await
             .ok()
-            .flatten();
-        let Some(at_secs) = persisted else {
-            return false;
-        };
-        let at = at_secs.saturating_mul(1000);
-        self.yes.insert(key, at);
-        self.within(at, self.max_stale)
+            .flatten()
+            .is_some_and(|at_secs| self.within(at_secs.saturating_mul(1000), self.max_stale))
     }
 
     /// Whether the upstream confirmed `repo` holds `digest` (a sled read,
@@ -334,7 +329,10 @@ mod tests {
         });
         assert_eq!(after.remembered(), 0, "memory starts empty");
         assert!(after.stale_yes(&app, alice).await, "read from the index");
-        assert_eq!(after.remembered(), 1, "then kept in memory");
+        assert!(
+            !after.fresh_yes(&app, alice),
+            "never fresh without the upstream"
+        );
         assert!(!after.stale_yes(&app, cred(2)).await);
 
         after.forget(&app, alice);
