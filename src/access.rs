@@ -4,20 +4,29 @@
 //! after the upstream said yes to this client's own credentials on R, and
 //! only when the upstream confirmed R holds the digest — so content cached
 //! through repository A never leaks to B, nor to anonymous clients. A yes is
-//! remembered per (hash of the credentials, repository) for `auth_ttl`, never
-//! the credentials themselves (the hash is also kept in the index, so the
-//! rule below holds across a restart). While the upstream cannot be
-//! reached, the last yes stands for up to `max_stale`; a no (401/403)
-//! always stands.
+//! remembered per (key of the credentials, repository), never the
+//! credentials themselves: within `auth_ttl` it answers without asking the
+//! upstream; while the upstream cannot be reached it stands for up to
+//! `max_stale`; a no (401/403) always stands and forgets the yes. Both
+//! judgements are made on [`Clock`] time, so tests move the clock instead of
+//! sleeping.
+//!
+//! The remembered yeses are a bounded cache (`cache.auth_cache_capacity`
+//! entries, none kept past `max(auth_ttl, max_stale)`): a CI fleet rotating
+//! short-lived tokens must not grow graft's memory without end. A yes is
+//! also written to the index (as a key, at most every 30 s per key) so the
+//! offline rule holds across a restart; that copy is read on the blocking
+//! pool, and only when memory has nothing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 
+use crate::clock::Clock;
+use crate::config::CacheConfig;
 use crate::credentials::{CredKey, CredentialKeys};
 use crate::error::Error;
 use crate::index::Index;
@@ -25,11 +34,15 @@ use crate::metrics::{self, Metrics};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
 
+/// A yes is written to the index at most this often per key, to keep index
+/// writes off busy paths (the offline rule only needs it roughly current).
+const PERSIST_EVERY: Duration = Duration::from_secs(30);
+
 /// The upstream's answer for this client, or what stands in for it.
 pub enum Decision {
-    Allowed {
-        stale: bool,
-    },
+    /// Fresh from the upstream, remembered within `auth_ttl`, or (upstream
+    /// unreachable) remembered within `max_stale`.
+    Allowed,
     /// The upstream's own no (401, 403) or "not here" (404).
     Denied,
     /// The upstream could not be asked and no remembered yes stands.
@@ -59,9 +72,13 @@ pub struct AccessCache {
     index: Index,
     metrics: Arc<Metrics>,
     keys: CredentialKeys,
+    /// Judges every yes; moka's own clock only bounds memory.
+    clock: Clock,
     ttl: Duration,
     max_stale: Duration,
-    yes: Mutex<HashMap<Key, Instant>>,
+    /// [`Clock::now_millis`] of the last yes per key. Bounded by count and
+    /// by a time-to-live past which no yes could stand anyway.
+    yes: moka::sync::Cache<Key, u64>,
 }
 
 /// The upstream failed in a way that is not an answer about access.
@@ -70,22 +87,28 @@ pub fn is_outage(status: StatusCode) -> bool {
 }
 
 impl AccessCache {
+    /// `config` gives `auth_ttl`, `max_stale` and `auth_cache_capacity`.
     pub fn new(
         upstream: Upstream,
         index: Index,
         metrics: Arc<Metrics>,
         keys: CredentialKeys,
-        ttl: Duration,
-        max_stale: Duration,
+        config: &CacheConfig,
+        clock: Clock,
     ) -> AccessCache {
+        let yes = moka::sync::Cache::builder()
+            .max_capacity(config.auth_cache_capacity)
+            .time_to_live(config.auth_ttl.max(config.max_stale))
+            .build();
         AccessCache {
             upstream,
             index,
             metrics,
             keys,
-            ttl,
-            max_stale,
-            yes: Mutex::new(HashMap::new()),
+            clock,
+            ttl: config.auth_ttl,
+            max_stale: config.max_stale,
+            yes,
         }
     }
 
@@ -94,61 +117,72 @@ impl AccessCache {
         self.keys.key(auth)
     }
 
-    /// Age of the last yes for these credentials on `repo`.
-    fn age(&self, repo: &RepoName, cred: CredKey) -> Option<Duration> {
-        self.yes
-            .lock()
-            .expect("access cache poisoned")
-            .get(&(repo.clone(), cred))
-            .map(Instant::elapsed)
+    /// How many yeses are remembered in memory (metric
+    /// `graft_auth_remembered_entries`); at most `cache.auth_cache_capacity`
+    /// once moka's pending evictions ran, which this lets happen first.
+    pub fn remembered(&self) -> u64 {
+        self.yes.run_pending_tasks();
+        self.yes.entry_count()
+    }
+
+    /// Whether a moment `at_ms` (clock millis) is less than `window` ago.
+    fn within(&self, at_ms: u64, window: Duration) -> bool {
+        u128::from(self.clock.now_millis().saturating_sub(at_ms)) < window.as_millis()
     }
 
     pub fn remember_yes(&self, repo: &RepoName, cred: CredKey) {
-        let mut map = self.yes.lock().expect("access cache poisoned");
-        // Bounded: drop expired yeses when the map grows large.
-        if map.len() > 65_536 {
-            let keep = self.max_stale.max(self.ttl);
-            map.retain(|_, t| t.elapsed() < keep);
-        }
-        let previous = map.insert((repo.clone(), cred), Instant::now());
-        drop(map);
-        // Persisted (as a hash, never the credentials) so offline pulls
-        // survive a restart; at most every 30 s per key, to keep index
-        // writes off busy paths.
-        if previous.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-            self.index
-                .access()
-                .remember(repo, &cred, crate::cache::now_secs());
+        let key = (repo.clone(), cred);
+        let now = self.clock.now_millis();
+        let previous = self.yes.get(&key);
+        self.yes.insert(key, now);
+        // Persisted (a key, never the credentials) so offline pulls survive
+        // a restart.
+        if previous.is_none_or(|at| !self.within(at, PERSIST_EVERY)) {
+            // Best effort: the index logs and counts its own failures.
+            self.index.access().remember(repo, &cred, now / 1000);
         }
     }
 
     pub fn forget(&self, repo: &RepoName, cred: CredKey) {
-        self.yes
-            .lock()
-            .expect("access cache poisoned")
-            .remove(&(repo.clone(), cred));
+        self.yes.invalidate(&(repo.clone(), cred));
         self.index.access().forget(repo, &cred);
     }
 
     /// Whether a yes within `auth_ttl` stands (no upstream round trip).
     pub fn fresh_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
-        self.age(repo, cred).is_some_and(|a| a < self.ttl)
+        self.yes
+            .get(&(repo.clone(), cred))
+            .is_some_and(|at| self.within(at, self.ttl))
     }
 
-    /// Whether a yes within `max_stale` stands (upstream unreachable).
-    pub fn stale_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
-        if self.age(repo, cred).is_some_and(|a| a < self.max_stale) {
-            return true;
+    /// Whether a yes within `max_stale` stands (upstream unreachable),
+    /// including one persisted before a restart (or evicted from memory):
+    /// that one is read from the index on the blocking pool, only when
+    /// memory holds no yes at all (the index copy is never newer than
+    /// memory's). It is not copied back into memory: a no arriving while
+    /// the read runs would otherwise be undone by the copy.
+    pub async fn stale_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
+        if let Some(at) = self.yes.get(&(repo.clone(), cred)) {
+            return self.within(at, self.max_stale);
         }
-        // From before a restart.
-        self.index
-            .access()
-            .remembered(repo, &cred)
+        let (index, repo) = (self.index.clone(), repo.clone());
+        tokio::task::spawn_blocking(move || index.access().remembered(&repo, &cred))
+            .await
             .ok()
+            .and_then(Result::ok)
             .flatten()
-            .is_some_and(|at| {
-                crate::cache::now_secs().saturating_sub(at) < self.max_stale.as_secs()
-            })
+            .is_some_and(|at_secs| self.within(at_secs.saturating_mul(1000), self.max_stale))
+    }
+
+    /// Whether the upstream confirmed `repo` holds `digest` (a sled read,
+    /// so on the blocking pool).
+    async fn present(&self, repo: &RepoName, digest: &Digest) -> bool {
+        let (index, repo, digest) = (self.index.clone(), repo.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || {
+            index.present().contains(&repo, &digest).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// May this client read `digest` from `repo`? Asks the upstream (a HEAD
@@ -161,52 +195,183 @@ impl AccessCache {
         digest: &Digest,
         auth: Option<&HeaderValue>,
     ) -> Decision {
-        let (upstream, index, metrics) = (&self.upstream, &self.index, &*self.metrics);
+        let metrics = &*self.metrics;
         let cred = self.key(auth);
-        let present = index.present().contains(repo, digest).unwrap_or(false);
-        if present && self.fresh_yes(repo, cred) {
+        if self.fresh_yes(repo, cred) && self.present(repo, digest).await {
             metrics::inc(&metrics.auth_remembered);
-            return Decision::Allowed { stale: false };
+            return Decision::Allowed;
         }
         metrics::inc(&metrics.auth_checks);
         let path = kind.path(repo, digest.as_str());
         let accept = [(header::ACCEPT, crate::referrers::ACCEPT_MANIFESTS)];
         let headers: &[(header::HeaderName, &str)] =
             if kind == Kind::Manifest { &accept } else { &[] };
-        let outcome = upstream
+        let outcome = self
+            .upstream
             .call(Method::HEAD, &path, auth, headers, Bytes::new())
             .await;
-        let offline = |e: Error| {
-            if present && self.stale_yes(repo, cred) {
-                metrics::inc(&metrics.cache_stale_hits);
-                tracing::info!(%repo, %digest, "upstream unreachable; serving on a remembered authorization");
-                Decision::Allowed { stale: true }
-            } else {
-                Decision::Unreachable(e)
-            }
-        };
-        match outcome {
+        let unreachable = match outcome {
             Ok(resp) if resp.status().is_success() => {
                 self.remember_yes(repo, cred);
-                index.present().mark(repo, digest);
-                Decision::Allowed { stale: false }
+                self.index.present().mark(repo, digest);
+                return Decision::Allowed;
             }
-            Ok(resp) if is_outage(resp.status()) => offline(Error::UpstreamUnreachable(format!(
-                "upstream answered {}",
-                resp.status()
-            ))),
+            Ok(resp) if is_outage(resp.status()) => {
+                Error::UpstreamUnreachable(format!("upstream answered {}", resp.status()))
+            }
             Ok(resp) => {
                 let status = resp.status();
                 if crate::upstream::is_denial(status) {
                     self.forget(repo, cred);
                 }
                 if status == StatusCode::NOT_FOUND {
-                    index.present().forget(repo, digest);
+                    self.index.present().forget(repo, digest);
                 }
-                Decision::Denied
+                return Decision::Denied;
             }
-            Err(e) if e.is_outage() => offline(e.into()),
-            Err(e) => Decision::Unreachable(e.into()),
+            Err(e) if e.is_outage() => e.into(),
+            Err(e) => return Decision::Unreachable(e.into()),
+        };
+        self.offline(repo, digest, cred, unreachable).await
+    }
+
+    /// The upstream could not be asked: a remembered yes within `max_stale`
+    /// stands for content the upstream confirmed `repo` holds.
+    async fn offline(&self, repo: &RepoName, digest: &Digest, cred: CredKey, e: Error) -> Decision {
+        if self.present(repo, digest).await && self.stale_yes(repo, cred).await {
+            metrics::inc(&self.metrics.cache_stale_hits);
+            tracing::info!(%repo, %digest, "upstream unreachable; serving on a remembered authorization");
+            Decision::Allowed
+        } else {
+            Decision::Unreachable(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// An access cache over a fresh index, with a skewable clock; the
+    /// upstream is never asked in these tests.
+    fn access(dir: &std::path::Path, index: Index, tune: impl FnOnce(&mut Config)) -> AccessCache {
+        let mut config = Config::default();
+        config.storage.data_dir = dir.to_path_buf();
+        config.clock = Clock::skewable();
+        tune(&mut config);
+        AccessCache::new(
+            Upstream::new(&config.upstream).expect("upstream client"),
+            index,
+            Arc::new(Metrics::default()),
+            CredentialKeys::with_secret([3; 32]),
+            &config.cache,
+            config.clock.clone(),
+        )
+    }
+
+    fn repo(name: &str) -> RepoName {
+        RepoName::parse(name).expect("valid repository name")
+    }
+
+    fn cred(i: u64) -> CredKey {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&i.to_be_bytes());
+        k
+    }
+
+    #[test]
+    fn remembered_yeses_are_capped_by_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index, |c| c.cache.auth_cache_capacity = 1_000);
+        let app = repo("app");
+        for i in 0..100_000 {
+            cache.remember_yes(&app, cred(i));
+        }
+        let n = cache.remembered();
+        assert!(n <= 1_000, "{n} yeses remembered past a capacity of 1000");
+        assert!(n > 0, "recent yeses are remembered");
+    }
+
+    #[tokio::test]
+    async fn a_yes_is_fresh_within_auth_ttl_and_stale_usable_within_max_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index, |c| {
+            c.cache.auth_ttl = Duration::from_secs(60);
+            c.cache.max_stale = Duration::from_secs(3600);
+        });
+        let (app, alice) = (repo("app"), cred(1));
+        assert!(!cache.fresh_yes(&app, alice));
+        assert!(!cache.stale_yes(&app, alice).await);
+
+        cache.remember_yes(&app, alice);
+        assert!(cache.fresh_yes(&app, alice));
+        assert!(!cache.fresh_yes(&repo("other"), alice), "per repository");
+        assert!(!cache.fresh_yes(&app, cred(2)), "per credentials");
+
+        cache.clock.advance(Duration::from_secs(60));
+        assert!(!cache.fresh_yes(&app, alice), "auth_ttl passed");
+        assert!(cache.stale_yes(&app, alice).await);
+
+        cache.clock.advance(Duration::from_secs(3540));
+        assert!(!cache.stale_yes(&app, alice).await, "max_stale passed");
+    }
+
+    #[tokio::test]
+    async fn a_persisted_yes_stands_offline_after_a_restart_and_a_no_forgets_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let (app, alice) = (repo("app"), cred(1));
+        let before = access(dir.path(), index.clone(), |_| {});
+        before.remember_yes(&app, alice);
+        drop(before);
+
+        let after = access(dir.path(), index.clone(), |c| {
+            c.cache.max_stale = Duration::from_secs(3600);
+        });
+        assert_eq!(after.remembered(), 0, "memory starts empty");
+        assert!(after.stale_yes(&app, alice).await, "read from the index");
+        assert!(
+            !after.fresh_yes(&app, alice),
+            "never fresh without the upstream"
+        );
+        assert!(!after.stale_yes(&app, cred(2)).await);
+
+        after.forget(&app, alice);
+        assert!(!after.stale_yes(&app, alice).await);
+        let again = access(dir.path(), index, |_| {});
+        assert!(
+            !again.stale_yes(&app, alice).await,
+            "forgotten in the index too"
+        );
+    }
+
+    #[test]
+    fn a_yes_is_persisted_at_most_every_30_seconds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index.clone(), |_| {});
+        let (app, alice) = (repo("app"), cred(1));
+        cache.remember_yes(&app, alice);
+        let first = index
+            .access()
+            .remembered(&app, &alice)
+            .expect("read")
+            .expect("persisted");
+        cache.clock.advance(Duration::from_secs(10));
+        cache.remember_yes(&app, alice);
+        assert_eq!(
+            index.access().remembered(&app, &alice).expect("read"),
+            Some(first)
+        );
+        cache.clock.advance(Duration::from_secs(30));
+        cache.remember_yes(&app, alice);
+        assert!(index
+            .access()
+            .remembered(&app, &alice)
+            .expect("read")
+            .is_some_and(|at| at >= first + 40));
     }
 }

@@ -39,6 +39,11 @@ pub struct CacheConfig {
     pub max_stale: Duration,
     /// How long the upstream's yes for (credentials, repository) is remembered.
     pub auth_ttl: Duration,
+    /// Most (credentials, repository) yeses remembered in memory (about 450
+    /// bytes each, ~28 MiB at the default); past it the least used are
+    /// forgotten and asked about again (offline, read back from the index).
+    /// Bounds memory however many distinct tokens clients use.
+    pub auth_cache_capacity: u64,
 }
 
 /// How the index's traffic-grown trees are pruned (see `index::prune`):
@@ -255,6 +260,7 @@ impl Default for Config {
                 tag_ttl: Duration::ZERO,
                 max_stale: Duration::from_secs(24 * 3600),
                 auth_ttl: Duration::from_secs(60),
+                auth_cache_capacity: 65_536,
             },
             index: IndexConfig {
                 prune_interval: Duration::from_secs(600),
@@ -516,6 +522,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("cache.auth_ttl", |c, v| {
         c.cache.auth_ttl = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.auth_cache_capacity", |c, v| {
+        c.cache.auth_cache_capacity = parse_size_value(v)? as u64;
         Ok(())
     }),
 ];

@@ -46,7 +46,7 @@ pub(crate) async fn by_digest(
             .check(kind, &name, &digest, auth.as_ref())
             .await;
         return match decision {
-            Decision::Allowed { .. } => Ok(serve_hit(
+            Decision::Allowed => Ok(serve_hit(
                 proxy,
                 cache,
                 kind,
@@ -102,7 +102,7 @@ async fn fetch(
                         .check(kind, &name, &digest, auth.as_ref())
                         .await
                     {
-                        Decision::Allowed { .. } => {}
+                        Decision::Allowed => {}
                         Decision::Denied => {
                             return passthrough::forward(proxy, req, client, outcome).await
                         }
@@ -259,10 +259,13 @@ pub(crate) async fn by_tag(
     *head.method_mut() = Method::HEAD;
     let up_req = proxy.upstream.forward_request(head, client)?;
     let answer = proxy.upstream.send(up_req).await;
+    // Only an outage needs a remembered yes (possibly an index read).
+    let offline = answer.as_ref().map_or(true, |(r, _)| is_outage(r.status()));
+    let vouched = offline && proxy.access.stale_yes(&name, cred).await;
     let stale = |why: String| -> Option<Response<Body>> {
         let rec = known.as_ref()?;
         let age = now_secs().saturating_sub(rec.checked);
-        if age >= cfg.max_stale.as_secs() || !proxy.access.stale_yes(&name, cred) {
+        if age >= cfg.max_stale.as_secs() || !vouched {
             return None;
         }
         let hit = cache.hit(&rec.digest, true)?;
