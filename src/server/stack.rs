@@ -286,7 +286,8 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// At most `server.max_concurrent_requests` requests in flight; one more is
-/// answered [`Error::Overloaded`] (503 `UNAVAILABLE`) at once.
+/// answered [`Error::Overloaded`] (503 `UNAVAILABLE`) at once. `/healthz`
+/// and `/metrics` are not counted.
 #[derive(Clone)]
 struct RequestCapLayer {
     permits: Arc<Semaphore>,
@@ -324,6 +325,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Answer {
+        // Liveness and metrics must answer during overload: that is when
+        // they are looked at, and a failed liveness probe would restart a
+        // busy graft.
+        if matches!(req.uri().path(), "/healthz" | "/metrics") {
+            return Box::pin(self.inner.call(req));
+        }
         let Ok(permit) = self.cap.permits.clone().try_acquire_owned() else {
             self.cap.stats.shed.fetch_add(1, Ordering::Relaxed);
             // Built when polled, inside the request id's scope, so the
