@@ -9,7 +9,8 @@
 //!   and calls in here.
 //! - [`config`]: defaults, `graft.toml`, `GRAFT_*` variables and flags, with
 //!   every bad key reported.
-//! - [`server`]: the accept loop (TCP or TLS, HTTP/1.1 and HTTP/2) and
+//! - [`server`]: the accept loop (TCP or TLS, HTTP/1.1 and HTTP/2) under a
+//!   connection cap, the tower layer stack every request goes through, and
 //!   graceful shutdown.
 //! - [`route`]: which endpoint of the distribution spec a request is for.
 //! - [`proxy`]: one handler per endpoint family; pass-through for the rest.

@@ -74,14 +74,13 @@ pub async fn serve(
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout);
-    let template = Connection {
-        peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+    let shared = Arc::new(Shared {
         tls,
-        http: Arc::new(http),
+        http,
         stats: proxy.server_stats().clone(),
         stack: stack::build(proxy, cfg),
         handshake_timeout: cfg.header_read_timeout,
-    };
+    });
     // One permit per open connection: at the cap the loop waits for a
     // permit before accepting, so new connections queue in the kernel's
     // backlog instead of becoming tasks.
@@ -107,13 +106,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        // Reap finished tasks so the set holds only live connections.
-        while tasks.try_join_next().is_some() {}
-        let conn = Connection {
-            peer,
-            ..template.clone()
-        };
-        tasks.spawn(conn.serve(stream, graceful.watcher(), slot));
+        // Reap ended tasks so the set holds only live connections.
+        while let Some(ended) = tasks.try_join_next() {
+            report_task_end(ended);
+        }
+        let conn = shared.clone().serve(stream, peer, graceful.watcher(), slot);
+        tasks.spawn(conn);
     }
 
     drop(listener);
@@ -131,7 +129,9 @@ async fn drain(graceful: GracefulShutdown, mut tasks: JoinSet<()>, grace: Durati
     );
     let all_ended = tokio::time::timeout(grace, async {
         graceful.shutdown().await;
-        while tasks.join_next().await.is_some() {}
+        while let Some(ended) = tasks.join_next().await {
+            report_task_end(ended);
+        }
     })
     .await;
     match all_ended {
@@ -146,12 +146,20 @@ async fn drain(graceful: GracefulShutdown, mut tasks: JoinSet<()>, grace: Durati
     }
 }
 
-/// One accepted client connection and what serving it needs.
-#[derive(Clone)]
-struct Connection {
-    peer: SocketAddr,
+/// A connection task should never panic (handler panics are caught per
+/// request); if one did, say so rather than lose it silently.
+fn report_task_end(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a connection task panicked");
+        }
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
     tls: Option<TlsAcceptor>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: auto::Builder<TokioExecutor>,
     stats: Arc<ServerStats>,
     stack: stack::Stack,
     /// A TLS handshake gets as long as a request head: a client that never
@@ -159,22 +167,28 @@ struct Connection {
     handshake_timeout: Duration,
 }
 
-impl Connection {
-    /// Serves the connection until it closes; `_slot` frees its place under
+impl Shared {
+    /// Serves one connection until it closes; `_slot` frees its place under
     /// `server.max_connections` when this returns (or is aborted).
-    async fn serve(self, stream: TcpStream, watcher: Watcher, _slot: OwnedSemaphorePermit) {
+    async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        watcher: Watcher,
+        _slot: OwnedSemaphorePermit,
+    ) {
         let _open = OpenConnection::new(self.stats.clone());
         let _ = stream.set_nodelay(true);
-        let peer = stack::Peer {
-            addr: self.peer,
+        let conn_peer = stack::Peer {
+            addr: peer,
             scheme: if self.tls.is_some() { "https" } else { "http" },
         };
-        let stack = self.stack;
+        let stack = self.stack.clone();
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(peer);
+            req.extensions_mut().insert(conn_peer);
             stack.clone().oneshot(req)
         });
-        let result = match self.tls {
+        let result = match &self.tls {
             Some(acceptor) => {
                 match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
@@ -182,11 +196,11 @@ impl Connection {
                         watcher.watch(conn.into_owned()).await
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
-                        tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                        tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }
                 }
@@ -197,7 +211,7 @@ impl Connection {
             }
         };
         if let Err(e) = result {
-            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
 }
