@@ -193,3 +193,35 @@ async fn a_client_that_stalls_mid_body_is_cut_after_the_body_timeout() {
     let tags = Api::send(Api::for_registry(&registry).get("/v2/stall/app/tags/list")).await;
     assert_eq!(tags.status(), StatusCode::NOT_FOUND, "nothing was pushed");
 }
+
+#[tokio::test]
+async fn over_tls_a_client_that_never_shakes_hands_gives_its_connection_slot_back() {
+    let registry = Registry::start();
+    let certs = tempfile::tempdir().expect("cert dir");
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).expect("write cert");
+    std::fs::write(&key, issued.signing_key.serialize_pem()).expect("write key");
+    let graft = Graft::start_with(&registry, |config| {
+        config.server.tls_cert = Some(cert);
+        config.server.tls_key = Some(key);
+        config.server.max_connections = 1;
+        config.server.header_read_timeout = Duration::from_secs(1);
+    });
+
+    // Takes the only slot and never sends a ClientHello.
+    let _silent = TcpStream::connect(graft.addr()).await.expect("connect");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([reqwest::Certificate::from_der(issued.cert.der()).expect("CA")])
+        .timeout(PATIENCE)
+        .build()
+        .expect("TLS client");
+    let resp = client
+        .get(format!("https://{}/v2/", graft.addr()))
+        .send()
+        .await
+        .expect("served over TLS once the silent handshake timed out");
+    assert_eq!(resp.status(), StatusCode::OK);
+}
