@@ -225,3 +225,47 @@ async fn over_tls_a_client_that_never_shakes_hands_gives_its_connection_slot_bac
         .expect("served over TLS once the silent handshake timed out");
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_blob_upload_that_stalls_mid_body_is_cut_and_nothing_is_stored() {
+    let registry = Registry::start();
+    let graft = Graft::start_with(&registry, |config| {
+        config.server.body_timeout = Duration::from_secs(1);
+    });
+    let api = Api::for_graft(&graft);
+    let location = api.start_upload("stall/blob").await;
+    let target = match location.strip_prefix(&graft.url()) {
+        Some(path) => path.to_owned(),
+        None => location.clone(),
+    };
+    let data = common::random_bytes(1 << 20);
+    let digest = common::sha256_digest(&data);
+    let sep = if target.contains('?') { '&' } else { '?' };
+    let mut stream = TcpStream::connect(graft.addr()).await.expect("connect");
+    let head = format!(
+        "PUT {target}{sep}digest={digest} HTTP/1.1\r\nHost: {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        graft.host(),
+        data.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    stream
+        .write_all(&data[..64 << 10])
+        .await
+        .expect("send some");
+    // …and nothing more: only the body timeout can end this request.
+    let answered = tokio::time::timeout(PATIENCE, read_response(&mut stream))
+        .await
+        .expect("the stalled upload was never cut");
+    if let Some((status, body)) = answered {
+        assert!(
+            status >= 400,
+            "{status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let blob =
+        Api::send(Api::for_registry(&registry).head(&format!("/v2/stall/blob/blobs/{digest}")))
+            .await;
+    assert_eq!(blob.status(), StatusCode::NOT_FOUND, "nothing was stored");
+}
