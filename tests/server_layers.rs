@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{assert_oci_error, closed_port_url, eventually, header_str, Api, FakeUpstream};
+use common::{assert_oci_error, closed_port_url, header_str, Api, FakeUpstream};
 use common::{Graft, Registry};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -148,14 +148,9 @@ async fn past_the_request_cap_requests_get_503_at_once() {
                 .map(|r| r.status())
         }
     });
-    eventually(PATIENCE, "the first request to reach the upstream", || {
-        let seen = upstream
-            .requests()
-            .iter()
-            .any(|r| r.target() == "/v2/app/tags/list");
-        async move { seen }
-    })
-    .await;
+    upstream
+        .wait_for_request("/v2/app/tags/list", PATIENCE)
+        .await;
 
     let resp = Api::send(api.get("/v2/").header("x-request-id", "shed-1")).await;
     let body = assert_oci_error(resp, 503, Some("UNAVAILABLE")).await;

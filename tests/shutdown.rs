@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::api::expect_status;
 use common::{
-    connection_refused, eventually, random_bytes, sha256_digest, wait_until, Api, DigestWriter,
-    FakeUpstream, Graft, Registry,
+    connection_refused, random_bytes, sha256_digest, wait_until, Api, DigestWriter, FakeUpstream,
+    Graft, Registry,
 };
 use reqwest::StatusCode;
 
@@ -96,18 +96,9 @@ async fn shutdown_grace_bounds_how_long_a_stuck_request_delays_run() {
             .await
             .map(|r| r.status())
     });
-    eventually(
-        Duration::from_secs(5),
-        "the request to reach the upstream",
-        || {
-            let seen = upstream
-                .requests()
-                .iter()
-                .any(|r| r.target() == "/v2/app/tags/list");
-            async move { seen }
-        },
-    )
-    .await;
+    upstream
+        .wait_for_request("/v2/app/tags/list", Duration::from_secs(5))
+        .await;
 
     let started = Instant::now();
     graft.begin_shutdown();
