@@ -2,8 +2,8 @@
 //! connection under a connection cap, and graceful shutdown.
 //!
 //! What each request goes through — ids, the access log, the request cap,
-//! panic catching, body timeouts — is the layer stack in [`stack`], built
-//! once and shared by every connection. Connection tasks are tracked in a
+//! panic catching, body timeouts — is the layer stack in `server/stack.rs`,
+//! built once and shared by every connection. Connection tasks are tracked in a
 //! `JoinSet`, so [`serve`] returns only when every one has ended, or when
 //! `server.shutdown_grace` ran out and the rest were cut.
 

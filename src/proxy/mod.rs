@@ -131,7 +131,7 @@ impl Proxy {
     }
 
     /// Handles one request; never fails: errors become OCI error responses.
-    /// The response carries a [`Handled`] extension for the access log,
+    /// The response carries a `Handled` extension for the access log,
     /// which the server's layers write when the body is done.
     pub async fn handle(
         &self,

@@ -3,10 +3,17 @@
 //! there and why at its position (linkerd2-proxy's habit); the order in
 //! [`build`] is outermost first.
 //!
+//! There is no body-size layer: manifests are bounded where they are read
+//! (`server.max_manifest_bytes`, with an early 413 on a larger
+//! `Content-Length`), blob uploads are unbounded streams by design, and
+//! nothing else is buffered. A silent client is bounded instead, by the
+//! body timeout.
+//!
 //! The three hand-written layers ([`RequestIdLayer`], [`AccessLogLayer`],
-//! [`RequestCapLayer`]) return boxed `Send` futures: with the concrete
-//! boxed types rustc can prove the connection future `Send`, which it could
-//! not through the nested generic futures of a fully inferred stack.
+//! [`RequestCapLayer`]) return boxed `Send` futures, and the whole stack is
+//! one concrete [`Stack`]: with concrete types rustc can prove the
+//! connection future `Send`, which it could not through nested generic
+//! futures over the boxed body (a higher-ranked lifetime limitation).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -87,6 +94,7 @@ pub(crate) fn build(proxy: Arc<Proxy>, cfg: &ServerConfig) -> Stack {
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             stats: stats.clone(),
         })
+        // Back to graft's one body type (the panic catch boxes its own).
         .map_response(|resp: Response<_>| resp.map(body::boxed))
         // Right around the handler, so a bug costs its own request only and
         // the 500 still passes through the id and log layers above.
