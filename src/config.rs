@@ -80,6 +80,15 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Largest manifest body graft buffers (the spec's suggested floor is 4 MiB).
     pub max_manifest_bytes: usize,
+    /// Longest silence allowed between request body bytes from a client: a
+    /// client that stops mid-body is cut instead of holding a request open.
+    pub body_timeout: Duration,
+    /// Open client connections at most; past it the accept loop pauses and
+    /// new connections wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Requests in flight (bodies included) at most; past it new requests
+    /// are answered 503 `UNAVAILABLE` at once instead of queueing.
+    pub max_concurrent_requests: usize,
 }
 
 /// `Debug` (and so any log line or panic that prints the configuration)
@@ -228,6 +237,9 @@ impl Default for Config {
                 header_read_timeout: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(30),
                 max_manifest_bytes: 4 * 1024 * 1024,
+                body_timeout: Duration::from_secs(60),
+                max_connections: 1024,
+                max_concurrent_requests: 1024,
             },
             upstream: UpstreamConfig {
                 url: "http://127.0.0.1:5000".into(),
@@ -357,6 +369,18 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("server.max_manifest_bytes", |c, v| {
         c.server.max_manifest_bytes = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("server.body_timeout", |c, v| {
+        c.server.body_timeout = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("server.max_connections", |c, v| {
+        c.server.max_connections = parse_count_value(v)?;
+        Ok(())
+    }),
+    ("server.max_concurrent_requests", |c, v| {
+        c.server.max_concurrent_requests = parse_count_value(v)?;
         Ok(())
     }),
     ("upstream.url", |c, v| {
@@ -664,6 +688,23 @@ fn parse_bool(v: &toml::Value) -> Result<bool, String> {
         toml::Value::String(s) if s == "false" => Ok(false),
         other => Err(format!("expected true or false, found {other}")),
     }
+}
+
+/// A cap: a positive integer (a semaphore of zero would serve nobody).
+fn parse_count_value(v: &toml::Value) -> Result<usize, String> {
+    let n = match v {
+        toml::Value::Integer(i) if *i >= 0 => *i as usize,
+        toml::Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a whole number"))?,
+        other => return Err(format!("expected a whole number, found {other}")),
+    };
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    // tokio's semaphore holds at most usize::MAX >> 3 permits.
+    Ok(n.min(tokio::sync::Semaphore::MAX_PERMITS))
 }
 
 fn parse_size_value(v: &toml::Value) -> Result<usize, String> {

@@ -155,6 +155,10 @@ impl Error {
         // the log line below still share one to quote.
         let request_id = crate::request_id::current().unwrap_or_else(crate::request_id::next);
         match self.blame() {
+            // Shedding load is graft working as configured, not a fault.
+            Blame::Internal if matches!(self, Error::Overloaded) => {
+                tracing::warn!(request_id = %request_id, "request shed at the concurrency cap")
+            }
             Blame::Internal => {
                 tracing::error!(error = %self, request_id = %request_id, "internal error")
             }

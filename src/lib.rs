@@ -9,7 +9,8 @@
 //!   and calls in here.
 //! - [`config`]: defaults, `graft.toml`, `GRAFT_*` variables and flags, with
 //!   every bad key reported.
-//! - [`server`]: the accept loop (TCP or TLS, HTTP/1.1 and HTTP/2) and
+//! - [`server`]: the accept loop (TCP or TLS, HTTP/1.1 and HTTP/2) under a
+//!   connection cap, the tower layer stack every request goes through, and
 //!   graceful shutdown.
 //! - [`route`]: which endpoint of the distribution spec a request is for.
 //! - [`proxy`]: one handler per endpoint family; pass-through for the rest.
@@ -55,12 +56,16 @@ pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 pub use config::Config;
 pub use error::Error;
 
 /// Serves `config` on `listener` until `shutdown` resolves, then drains
-/// in-flight requests for up to `server.shutdown_grace` and returns.
+/// in-flight requests for up to `server.shutdown_grace`, stops the
+/// background tasks, writes the cache's batched access times and returns.
 pub async fn run(
     listener: tokio::net::TcpListener,
     config: Config,
@@ -68,36 +73,76 @@ pub async fn run(
 ) -> Result<(), Error> {
     let server_cfg = config.server.clone();
     let proxy = Arc::new(proxy::Proxy::new(config)?);
-    tokio::spawn(recover_in_background(proxy.referrers().clone()));
+    // Background loops watch this and return once it turns true.
+    let (stop, stopped) = watch::channel(false);
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(recover_in_background(
+        proxy.referrers().clone(),
+        stopped.clone(),
+    ));
     if let Some(cache) = proxy.cache() {
-        tokio::spawn(cache::upkeep(cache.clone()));
+        background.spawn(cache::upkeep(cache.clone(), stopped.clone()));
     }
+    background.spawn(index::prune_periodically(
+        proxy.referrers().index().clone(),
+        index::PruneBounds::from_config(&proxy.config),
+        proxy.config.clock.clone(),
+        stopped.clone(),
+    ));
+    drop(stopped);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = proxy.upstream.origin(), "graft listening");
     }
-    server::serve(listener, &server_cfg, proxy, shutdown).await
+    let served = server::serve(listener, &server_cfg, proxy.clone(), shutdown).await;
+
+    let _ = stop.send(true);
+    while let Some(ended) = background.join_next().await {
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "a background task failed");
+        }
+    }
+    if let Some(cache) = proxy.cache().cloned() {
+        // The last few seconds of access times would otherwise be lost,
+        // and eviction would take those files for unused.
+        let flushed = tokio::task::spawn_blocking(move || cache.flush_touches()).await;
+        if let Err(e) = flushed {
+            tracing::error!(error = %e, "flushing cache access times failed");
+        }
+    }
+    served
 }
 
 /// Finishes referrer pushes and fallback-tag writes that a crash or an
-/// upstream outage left owed: at startup, then periodically for the life of
-/// the process (a tag write that failed mid-run is retried too), backing off
-/// while work stays owed.
-async fn recover_in_background(referrers: Arc<referrers::Referrers>) {
-    use std::time::Duration;
+/// upstream outage left owed: at startup, then periodically until
+/// `shutdown` (a tag write that failed mid-run is retried too), backing off
+/// while work stays owed. A pass cut by shutdown is safe to cut: owed work
+/// is recorded before it starts, exactly as for a crash.
+async fn recover_in_background(
+    referrers: Arc<referrers::Referrers>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     const IDLE: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(60);
     let mut delay = Duration::from_secs(1);
     loop {
-        match referrers.recover().await {
+        let passed = tokio::select! {
+            passed = referrers.recover() => passed,
+            _ = shutdown.wait_for(|&stop| stop) => return,
+        };
+        match passed {
             Ok(0) => delay = IDLE,
             Ok(n) => {
                 tracing::warn!(owed = n, "referrer work still owed; retrying");
-                delay = (delay * 2).min(Duration::from_secs(60));
+                delay = (delay * 2).min(MAX);
             }
             Err(e) => {
                 tracing::error!(error = %e, "recovery failed; retrying");
-                delay = (delay * 2).min(Duration::from_secs(60));
+                delay = (delay * 2).min(MAX);
             }
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|&stop| stop) => return,
+        }
     }
 }

@@ -62,6 +62,11 @@ pub enum UpstreamError {
     /// graft could not build its own request (a bug, not an outage).
     #[error("building the upstream request: {0}")]
     Request(String),
+    /// The client's request body, which graft was streaming upstream,
+    /// failed: the client went silent past `server.body_timeout` or hung up.
+    /// The client's doing, not the upstream's.
+    #[error("the client's request body failed: {0}")]
+    ClientBody(String),
 }
 
 impl UpstreamError {
@@ -89,6 +94,10 @@ impl From<UpstreamError> for Error {
             | UpstreamError::BodyCut(_)
             | UpstreamError::Invalid(_)) => Error::UpstreamInvalid(e.to_string()),
             UpstreamError::Request(m) => Error::Internal(format!("upstream request: {m}")),
+            UpstreamError::ClientBody(m) => {
+                tracing::debug!(cause = %m, "the client's request body failed");
+                Error::BadRequest("the request body stopped arriving".into())
+            }
         }
     }
 }
@@ -318,6 +327,11 @@ fn classify(e: &hyper_util::client::legacy::Error, limit: Duration) -> UpstreamE
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut msg = e.to_string();
     while let Some(s) = source {
+        let client_body = s.is::<tower_http::timeout::TimeoutError>()
+            || s.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_user);
+        if client_body {
+            return UpstreamError::ClientBody(e.to_string());
+        }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return UpstreamError::Timeout(limit);

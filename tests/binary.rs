@@ -174,20 +174,21 @@ async fn credentials_never_reach_the_logs_even_at_trace_level() {
     alice.get_manifest("app", "v1").await;
     alice.get_blob("app", &image.layers[0].digest).await;
     let wrong = api.clone().with_basic_auth("alice", "wrong-pa55-abc");
-    let _ = Api::send(wrong.get("/v2/app/manifests/v1")).await;
+    let _ = Api::send(
+        wrong
+            .get("/v2/app/manifests/v1")
+            .header("x-request-id", "wrong-password-probe"),
+    )
+    .await;
 
-    // The access line of the last request is written once its body is out;
-    // everything before it is in the file by then.
-    let mut text = String::new();
-    wait_until(
-        Duration::from_secs(10),
-        "the access line of the refused request",
-        || {
-            text = read_log();
+    // The access line of the last request is written once its body is done.
+    wait_until(Duration::from_secs(10), "the last access line", || {
+        std::fs::read_to_string(&log_path).is_ok_and(|text| {
             text.lines()
-                .any(|l| l.contains("graft::access") && l.contains("\"status\":401"))
-        },
-    );
+                .any(|l| l.contains("graft::access") && l.contains("wrong-password-probe"))
+        })
+    });
+    let text = std::fs::read_to_string(&log_path).expect("log");
     assert!(text.contains("graft::access"), "the access log is there");
     for secret in [
         "pa55-w0rd-xyz",

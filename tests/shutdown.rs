@@ -1,6 +1,7 @@
 //! Graceful shutdown: once the shutdown future resolves graft stops
-//! accepting, lets in-flight responses finish (up to `shutdown_grace`) and
-//! only then returns from `run`.
+//! accepting, lets in-flight responses finish (up to `shutdown_grace`),
+//! stops its background work, writes what it batched, and only then
+//! returns from `run`.
 
 mod common;
 
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::api::expect_status;
 use common::{
-    connection_refused, random_bytes, wait_until, Api, DigestWriter, FakeUpstream, Graft, Registry,
+    connection_refused, random_bytes, sha256_digest, wait_until, Api, DigestWriter, FakeUpstream,
+    Graft, Registry,
 };
 use reqwest::StatusCode;
 
@@ -28,7 +30,8 @@ async fn download_in_flight_at_shutdown_completes_and_run_returns_after_it() {
     let response = Api::send(api.get(&format!("/v2/big/download/blobs/{digest}"))).await;
     let mut response = expect_status(response, StatusCode::OK, "GET blob").await;
     let mut received = DigestWriter::default();
-    // A slow reader: the proxy is mid-stream, with backpressure, at shutdown.
+    // A slow reader (the pause is the client's pace, not a wait for graft):
+    // the proxy is mid-stream, with backpressure, at shutdown.
     while received.len() < 1 << 20 {
         let chunk = response
             .chunk()
@@ -93,18 +96,9 @@ async fn shutdown_grace_bounds_how_long_a_stuck_request_delays_run() {
             .await
             .map(|r| r.status())
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !upstream
-        .requests()
-        .iter()
-        .any(|r| r.target() == "/v2/app/tags/list")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    upstream
+        .wait_for_request("/v2/app/tags/list", Duration::from_secs(5))
+        .await;
 
     let started = Instant::now();
     graft.begin_shutdown();
@@ -132,4 +126,86 @@ async fn a_new_run_on_the_same_data_dir_serves_after_the_previous_one_returned()
 
     let api = Api::for_graft(&graft);
     assert_eq!(api.get_manifest("app/restart", "v1").await, image.manifest);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_body_does_not_hold_run_past_the_grace() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let registry = Registry::start();
+    let mut graft = Graft::start_with(&registry, |config| {
+        config.server.body_timeout = Duration::from_secs(600);
+        config.server.shutdown_grace = Duration::from_secs(1);
+    });
+    let mut stream = tokio::net::TcpStream::connect(graft.addr())
+        .await
+        .expect("connect");
+    let head = "PUT /v2/stuck/body/manifests/v1 HTTP/1.1\r\nHost: graft\r\n\
+                Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    // graft sends `100 Continue` when the handler starts reading the body:
+    // from here the request is in flight.
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("100 Continue") {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut chunk))
+            .await
+            .expect("graft never asked for the body")
+            .expect("read");
+        assert!(n > 0, "graft closed the connection");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    stream
+        .write_all(b"{\"schemaVersion\":")
+        .await
+        .expect("send a little body");
+
+    graft.begin_shutdown();
+    // Without the grace period's cut, this request would hold `run` for the
+    // ten-minute body timeout.
+    let _ = graft.wait_stopped(Duration::from_secs(20));
+    drop(stream);
+}
+
+#[tokio::test]
+async fn shutdown_writes_batched_access_times_before_run_returns() {
+    let registry = Registry::start();
+    let mut graft = Graft::start(&registry);
+    let data = random_bytes(64 << 10);
+    let digest = sha256_digest(&data);
+    Api::for_registry(&registry)
+        .push_blob("app/touched", data)
+        .await;
+    let api = Api::for_graft(&graft);
+    // The miss fills the cache; its file is committed (with an access time)
+    // before the last byte reaches the client.
+    api.get_blob("app/touched", &digest).await;
+    // Access times are in milliseconds: let the clock pass the fill's.
+    let filled = unix_millis();
+    wait_until(Duration::from_secs(5), "the clock to move", || {
+        unix_millis() > filled
+    });
+    let before_hit = unix_millis();
+    // The hit's access time is batched in memory, not yet in the index.
+    api.get_blob("app/touched", &digest).await;
+
+    graft.begin_shutdown();
+    graft
+        .wait_stopped(Duration::from_secs(20))
+        .expect("run returns Ok");
+    let report = graft::admin::cache::stats(graft.config()).expect("cache stats");
+    assert_eq!(report.stats.entries, 1);
+    let newest = report.stats.newest_access_ms.expect("an access time");
+    assert!(
+        newest >= before_hit,
+        "the hit's access time ({before_hit} or later) was lost: the index says {newest}"
+    );
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }

@@ -438,10 +438,13 @@ fn index_err(e: crate::index::IndexError) -> CacheError {
 
 /// Runs the cache's upkeep until the process ends: batched access times and
 /// eviction.
-pub async fn upkeep(cache: Arc<ContentCache>) {
+pub async fn upkeep(cache: Arc<ContentCache>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|&stop| stop) => return,
+        }
         let c = cache.clone();
         let _ = tokio::task::spawn_blocking(move || {
             c.flush_touches();

@@ -240,7 +240,6 @@ fn remove_unchanged(tree: &sled::Tree, k: sled::IVec, v: sled::IVec) -> Result<u
 
 /// Prunes every `bounds.interval` on the blocking pool until `shutdown`
 /// turns true (or its sender is dropped).
-#[allow(dead_code)] // spawned from lib.rs by the server part at merge
 pub(crate) async fn prune_periodically(
     index: Index,
     bounds: PruneBounds,

@@ -1,6 +1,7 @@
-//! Request handling: route a request, hand it to the handler for its
-//! endpoint family, and write one access-log line when its response body is
-//! done.
+//! Request handling: route a request and hand it to the handler for its
+//! endpoint family. What every request gets regardless of its route (ids,
+//! the access log, caps, panic catching, timeouts) is the server's layer
+//! stack around [`Proxy::handle`], in `server/stack.rs`.
 
 mod content;
 mod health;
@@ -10,16 +11,13 @@ mod referrers;
 mod upload;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{header, Method, Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::access::{AccessCache, Kind};
-use crate::body::{self, Body, Counted, OnDone};
+use crate::body::{self, Body};
 use crate::cache::ContentCache;
 use crate::config::Config;
 use crate::credentials::CredentialKeys;
@@ -28,6 +26,7 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::referrers::Referrers;
 use crate::route::Route;
+use crate::server::ServerStats;
 use crate::upstream::{ClientSide, Upstream};
 
 /// Everything a request handler needs, shared by all connections.
@@ -37,8 +36,20 @@ pub struct Proxy {
     pub(crate) referrers: Arc<Referrers>,
     /// `None` when `cache.enabled = false`: everything passes through.
     pub(crate) cache: Option<Arc<ContentCache>>,
-    pub(crate) access: AccessCache,
+    pub(crate) access: Arc<AccessCache>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Kept here so the lead's `/metrics` can read the server's counters.
+    server_stats: Arc<ServerStats>,
+}
+
+/// What the access log learns from a handled request, carried to the
+/// server's log layer on the response's extensions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Handled {
+    /// The endpoint family ([`Route::kind`]).
+    pub(crate) route: &'static str,
+    /// Time until the upstream's response head, when the upstream was asked.
+    pub(crate) upstream: Option<Duration>,
 }
 
 /// What a handler reports besides its response, for the access log.
@@ -53,7 +64,10 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, Error> {
         let upstream = Upstream::new(&config.upstream)?;
         let keys = CredentialKeys::load_or_create(&config.storage.data_dir).map_err(|e| {
-            Error::Internal(format!("credentials secret in the data directory: {e}"))
+            Error::Startup(format!(
+                "{}: cannot read or create the credentials secret: {e}",
+                config.storage.data_dir.display()
+            ))
         })?;
         let index =
             Index::open_with_clock(&config.storage.data_dir.join("index"), config.clock.clone())?;
@@ -75,20 +89,24 @@ impl Proxy {
         } else {
             None
         };
+        let access = Arc::new(AccessCache::new(
+            upstream.clone(),
+            index.clone(),
+            metrics.clone(),
+            keys,
+            &config.cache,
+            config.clock.clone(),
+        ));
+        let server_stats = Arc::<ServerStats>::default();
+        register_owned_metrics(&metrics, &index, &access, &server_stats);
         Ok(Proxy {
-            access: AccessCache::new(
-                upstream.clone(),
-                index,
-                metrics.clone(),
-                keys,
-                &config.cache,
-                config.clock.clone(),
-            ),
+            access,
             config: Arc::new(config),
             upstream,
             referrers,
             cache,
             metrics,
+            server_stats,
         })
     }
 
@@ -96,7 +114,7 @@ impl Proxy {
         let mut resp = Response::new(body::full(self.metrics.render()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         );
         resp
     }
@@ -109,16 +127,25 @@ impl Proxy {
         &self.referrers
     }
 
+    /// Counters of the server layers around [`Proxy::handle`] (shed
+    /// requests, caught panics, open connections), for `/metrics`.
+    pub fn server_stats(&self) -> &Arc<ServerStats> {
+        &self.server_stats
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Handles one request; never fails: errors become OCI error responses.
+    /// The response carries a `Handled` extension for the access log,
+    /// which the server's layers write when the body is done.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         peer: SocketAddr,
         scheme: &'static str,
     ) -> Response<Body> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
         let host = req
             .headers()
             .get(header::HOST)
@@ -126,43 +153,21 @@ impl Proxy {
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let client = ClientSide::new(peer, scheme, host);
-
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone())));
-        let route = Route::parse(&path);
+        let route = Route::parse(req.uri().path());
         let kind = route.as_ref().map(Route::kind).unwrap_or("invalid");
         let mut outcome = Outcome::default();
-        let resp = match route {
+        let mut resp = match route {
             Ok(route) => self
                 .dispatch(route, req, &client, &mut outcome)
                 .await
                 .unwrap_or_else(Error::into_response),
             Err(e) => e.into_response(),
         };
-
-        let status = resp.status().as_u16();
-        self.metrics.request(kind, status);
-        let upstream = outcome.upstream;
-        resp.map(move |b| {
-            OnDone::new(b, move |bytes_out, complete| {
-                let total = started.elapsed();
-                let bytes_in = bytes_in.load(Ordering::Relaxed);
-                tracing::info!(
-                    target: "graft::access",
-                    method = %method,
-                    path = %path,
-                    route = kind,
-                    status,
-                    bytes_in,
-                    bytes_out,
-                    complete,
-                    total_ms = millis(total),
-                    upstream_ms = upstream.map(millis),
-                    "request"
-                );
-            })
-            .boxed_unsync()
-        })
+        resp.extensions_mut().insert(Handled {
+            route: kind,
+            upstream: outcome.upstream,
+        });
+        resp
     }
 
     async fn dispatch(
@@ -175,7 +180,11 @@ impl Proxy {
         match route {
             Route::Health => Ok(health::healthz()),
             Route::Ready => Ok(health::readyz(self).await),
-            Route::NotFound => Err(Error::NotFound),
+            Route::NotFound => {
+                // A test-only stand-in for a handler bug (see tests/server_panic.rs).
+                crate::failpoint::panic_if("panic-on-not-found");
+                Err(Error::NotFound)
+            }
             Route::Metrics => Ok(self.render_metrics()),
             Route::Blob { name, digest } => match req.method().clone() {
                 Method::GET | Method::HEAD => {
@@ -231,7 +240,47 @@ pub fn own_credentials(cfg: &crate::config::UpstreamConfig) -> Option<http::Head
     Some(v)
 }
 
-/// Milliseconds with microsecond precision, for log fields.
-fn millis(d: Duration) -> f64 {
-    (d.as_micros() as f64) / 1000.0
+/// Metrics whose values other components own, read at scrape time.
+fn register_owned_metrics(
+    metrics: &Metrics,
+    index: &Index,
+    access: &Arc<AccessCache>,
+    server: &Arc<ServerStats>,
+) {
+    let i = index.clone();
+    metrics.register_counter_fn(
+        "graft_index_write_failures",
+        "Best-effort index writes that failed (logged with their context).",
+        move || i.write_failures(),
+    );
+    let i = index.clone();
+    metrics.register_counter_fn(
+        "graft_index_pruned",
+        "Index entries pruned by age or count.",
+        move || i.pruned(),
+    );
+    let a = access.clone();
+    metrics.register_gauge_fn(
+        "graft_auth_remembered_entries",
+        "(credentials, repository) authorizations remembered in memory.",
+        move || a.remembered(),
+    );
+    let s = server.clone();
+    metrics.register_counter_fn(
+        "graft_requests_shed",
+        "Requests answered 503 at server.max_concurrent_requests.",
+        move || s.requests_shed(),
+    );
+    let s = server.clone();
+    metrics.register_counter_fn(
+        "graft_panics_caught",
+        "Handler panics answered with a 500.",
+        move || s.panics_caught(),
+    );
+    let s = server.clone();
+    metrics.register_gauge_fn(
+        "graft_open_connections",
+        "Client connections open now.",
+        move || s.open_connections(),
+    );
 }

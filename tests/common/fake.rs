@@ -82,6 +82,17 @@ impl FakeUpstream {
         self.requests.lock().expect("requests lock").clone()
     }
 
+    /// Waits (without blocking the test's runtime) until a request for
+    /// `target` has arrived, failing the test after `timeout`.
+    pub async fn wait_for_request(&self, target: &str, timeout: Duration) {
+        let what = format!("a request for {target} to reach the fake upstream");
+        super::eventually(timeout, &what, || {
+            let seen = self.requests().iter().any(|r| r.target() == target);
+            async move { seen }
+        })
+        .await;
+    }
+
     fn start(behavior: Behavior) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake upstream");
         listener

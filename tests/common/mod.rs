@@ -139,6 +139,23 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
     }
 }
 
+/// Like [`wait_until`] for async tests: polls `check` every 20 ms without
+/// blocking the test's runtime (which may be driving the awaited work).
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Whether a new TCP connection to `addr` is refused right now.
 pub fn connection_refused(addr: SocketAddr) -> bool {
     match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
