@@ -328,7 +328,8 @@ fn classify(e: &hyper_util::client::legacy::Error, limit: Duration) -> UpstreamE
     let mut msg = e.to_string();
     while let Some(s) = source {
         let client_body = s.is::<tower_http::timeout::TimeoutError>()
-            || s.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_user);
+            || s.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_user);
         if client_body {
             return UpstreamError::ClientBody(e.to_string());
         }

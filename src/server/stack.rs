@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderName, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -255,7 +255,7 @@ where
             // Shed and panicked requests never reached the handler's
             // routing; name their route the same way it would have.
             let handled = resp.extensions().get::<Handled>().copied();
-            let route = handled.map_or_else(|| route_kind(&method, &path), |h| h.route);
+            let route = handled.map_or_else(|| route_kind(&path), |h| h.route);
             let upstream = handled.and_then(|h| h.upstream);
             metrics.request(route, status);
             Ok(resp.map(move |b| {
@@ -281,8 +281,8 @@ where
     }
 }
 
-fn route_kind(method: &Method, path: &str) -> &'static str {
-    Route::parse(method, path)
+fn route_kind(path: &str) -> &'static str {
+    Route::parse(path)
         .as_ref()
         .map(Route::kind)
         .unwrap_or("invalid")
