@@ -116,9 +116,9 @@ impl AccessCache {
         // survive a restart; at most every 30 s per key, to keep index
         // writes off busy paths.
         if previous.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-            let _ = self
-                .index
-                .remember_access(repo, &cred, crate::cache::now_secs());
+            let _ =
+                self.index
+                    .remember_access(repo, &cred, crate::clock::Clock::system().now_secs());
         }
     }
 
@@ -142,7 +142,7 @@ impl AccessCache {
         }
         // From before a restart.
         self.index.access_remembered(repo, &cred).is_some_and(|at| {
-            crate::cache::now_secs().saturating_sub(at) < self.max_stale.as_secs()
+            crate::clock::Clock::system().now_secs().saturating_sub(at) < self.max_stale.as_secs()
         })
     }
 

@@ -37,6 +37,11 @@ pub struct CacheConfig {
     pub max_stale: Duration,
     /// How long the upstream's yes for (credentials, repository) is remembered.
     pub auth_ttl: Duration,
+    /// Blob uploads teed into the cache at once; past it the oldest
+    /// session's tee is dropped (the upload itself passes through).
+    pub max_upload_sessions: usize,
+    /// How long an upload session is teed before it counts as abandoned.
+    pub upload_session_ttl: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -166,6 +171,8 @@ impl Default for Config {
                 tag_ttl: Duration::ZERO,
                 max_stale: Duration::from_secs(24 * 3600),
                 auth_ttl: Duration::from_secs(60),
+                max_upload_sessions: 256,
+                upload_session_ttl: Duration::from_secs(3600),
             },
             clock: Clock::system(),
         }
@@ -338,6 +345,14 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("cache.auth_ttl", |c, v| {
         c.cache.auth_ttl = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.max_upload_sessions", |c, v| {
+        c.cache.max_upload_sessions = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("cache.upload_session_ttl", |c, v| {
+        c.cache.upload_session_ttl = parse_duration_value(v)?;
         Ok(())
     }),
 ];

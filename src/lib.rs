@@ -69,8 +69,10 @@ pub async fn run(
     let server_cfg = config.server.clone();
     let proxy = Arc::new(proxy::Proxy::new(config)?);
     tokio::spawn(recover_in_background(proxy.referrers().clone()));
+    // Held until `serve` returns: dropping it stops the cache's upkeep.
+    let (_stop_upkeep, upkeep_shutdown) = tokio::sync::watch::channel(false);
     if let Some(cache) = proxy.cache() {
-        tokio::spawn(cache::upkeep(cache.clone()));
+        tokio::spawn(cache::upkeep(cache.clone(), upkeep_shutdown));
     }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = proxy.upstream.origin(), "graft listening");

@@ -546,6 +546,7 @@ async fn cache_verify_finds_and_drops_a_corrupted_file() {
         index,
         Arc::new(graft::metrics::Metrics::default()),
         graft.config().cache.clone(),
+        graft.config().clock.clone(),
     )
     .expect("cache");
     let (checked, corrupt) = cache.verify_all().expect("verify");

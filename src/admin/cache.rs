@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
 
-use crate::cache::{now_millis, CacheError, CacheStats, ContentCache, VerifyReport};
+use crate::cache::{CacheError, CacheStats, ContentCache, VerifyReport};
 use crate::config::Config;
 use crate::index::{CacheEntry, Index, IndexError};
 use crate::oci::Digest;
@@ -51,6 +51,7 @@ fn open(config: &Config) -> Result<Arc<ContentCache>, CacheCommandError> {
         index,
         Arc::default(),
         config.cache.clone(),
+        config.clock.clone(),
     )?)
 }
 
@@ -68,7 +69,7 @@ pub fn stats(config: &Config) -> Result<StatsReport, CacheCommandError> {
     let cache = open(config)?;
     Ok(StatsReport {
         stats: cache.stats()?,
-        now_ms: now_millis(),
+        now_ms: config.clock.now_millis(),
     })
 }
 
@@ -143,7 +144,7 @@ pub fn gc(config: &Config) -> Result<GcReport, CacheCommandError> {
     Ok(GcReport {
         removed,
         after: cache.stats()?,
-        now_ms: now_millis(),
+        now_ms: config.clock.now_millis(),
     })
 }
 

@@ -8,7 +8,7 @@
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 
-use super::{content, passthrough, Outcome, Proxy};
+use super::{passthrough, pull, Outcome, Proxy};
 use crate::access::Kind;
 use crate::body::{self, Body, CollectError};
 use crate::error::Error;
@@ -49,10 +49,10 @@ pub(crate) async fn handle(
             Ok(resp)
         }
         (Method::GET | Method::HEAD, Reference::Digest(d)) => {
-            content::by_digest(proxy, Kind::Manifest, name, d, req, client, outcome).await
+            pull::by_digest(proxy, Kind::Manifest, name, d, req, client, outcome).await
         }
         (Method::GET | Method::HEAD, Reference::Tag(t)) => {
-            content::by_tag(proxy, name, t, req, client, outcome).await
+            pull::by_tag(proxy, name, t, req, client, outcome).await
         }
         _ => passthrough::forward(proxy, req, client, outcome).await,
     }
@@ -125,7 +125,7 @@ async fn put(
             // Write-through: a CI job that pushes then pulls never goes
             // upstream for these bytes.
             let digest = Digest::sha256_of(&bytes);
-            let _ = referrers.index().mark_present(&name, &digest);
+            cache.mark_present(&name, &digest).await;
             cache
                 .store_bytes(&digest, bytes, content_type.clone())
                 .await;

@@ -2,11 +2,12 @@
 //! endpoint family, and write one access-log line when its response body is
 //! done.
 
-mod content;
 mod health;
 mod manifest;
 mod passthrough;
+mod pull;
 mod referrers;
+mod serve;
 mod upload;
 
 use std::net::SocketAddr;
@@ -70,6 +71,7 @@ impl Proxy {
                 index.clone(),
                 metrics.clone(),
                 config.cache.clone(),
+                config.clock.clone(),
             )?)
         } else {
             None
@@ -178,7 +180,7 @@ impl Proxy {
             Route::Metrics => Ok(self.render_metrics()),
             Route::Blob { name, digest } => match req.method().clone() {
                 Method::GET | Method::HEAD => {
-                    content::by_digest(self, Kind::Blob, name, digest, req, client, outcome).await
+                    pull::by_digest(self, Kind::Blob, name, digest, req, client, outcome).await
                 }
                 Method::DELETE => {
                     let resp = passthrough::forward(self, req, client, outcome).await?;
