@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
@@ -261,6 +262,24 @@ impl Follow {
     }
 }
 
+/// Bytes written to the temp file in one blocking-pool hop, at most.
+const BATCH: usize = 512 * 1024;
+
+/// The next data frame's bytes; `None` at the end of the body.
+async fn next_data<B>(body: &mut B) -> Result<Option<Bytes>, CacheError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| CacheError::Upstream(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
 /// The task that writes one fill.
 struct Job {
     lead: Lead,
@@ -315,29 +334,44 @@ impl Job {
         self.lead.fills.remove(&digest);
     }
 
-    /// Copies the body into the writer, one blocking-pool write per frame,
-    /// publishing progress to the readers.
+    /// Copies the body into the writer, publishing progress to the readers.
+    /// Frames already arrived are written together (up to [`BATCH`] bytes):
+    /// one blocking-pool hop, and one wake-up of the readers, per batch.
     async fn pump<B>(&self, slot: &mut Option<Writer>, mut body: B) -> Result<(), CacheError>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
     {
         let mut written = 0u64;
-        loop {
-            let frame = match tokio::time::timeout(self.body_timeout, body.frame()).await {
+        let mut ended = false;
+        while !ended {
+            let first = match tokio::time::timeout(self.body_timeout, next_data(&mut body)).await {
                 Err(_) => {
                     return Err(CacheError::Upstream(format!(
                         "no byte for {} (upstream.body_timeout)",
                         humantime::format_duration(self.body_timeout)
                     )))
                 }
-                Ok(None) => break,
-                Ok(Some(frame)) => frame.map_err(|e| CacheError::Upstream(e.to_string()))?,
+                Ok(r) => r?,
             };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            written += data.len() as u64;
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            let mut size = batch[0].len();
+            while size < BATCH {
+                match next_data(&mut body).now_or_never() {
+                    None => break,
+                    Some(Ok(Some(data))) => {
+                        size += data.len();
+                        batch.push(data);
+                    }
+                    Some(Ok(None)) => ended = true,
+                    Some(Err(e)) => return Err(e),
+                }
+                if ended {
+                    break;
+                }
+            }
+            written += size as u64;
             if let Some(l) = self.len.filter(|l| written > *l) {
                 return Err(CacheError::Upstream(format!(
                     "upstream sent more than its Content-Length of {l}"
@@ -345,7 +379,7 @@ impl Job {
             }
             let mut w = slot.take().expect("the writer is back after every write");
             let (w, wrote) = ContentCache::blocking(move || {
-                let r = w.write(&data);
+                let r = batch.iter().try_for_each(|data| w.write(data));
                 (w, r)
             })
             .await?;
