@@ -3,6 +3,7 @@
 //! used eviction, and the operator's views (`stats`, `verify`, `gc`).
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +70,7 @@ impl ContentCache {
             clock,
             media_types: moka::sync::Cache::new(MEDIA_TYPES),
             touched: Mutex::new(HashMap::new()),
-            evicting: Mutex::new(()),
+            evicting: AtomicBool::new(false),
         };
         cache.reconcile()?;
         Ok(Arc::new(cache))
@@ -217,7 +218,10 @@ impl ContentCache {
     /// commit). Returns the number of files removed.
     pub fn evict(&self) -> usize {
         let budget = self.cfg.max_bytes;
-        let _pass = self.evicting.lock().expect("eviction lock poisoned");
+        // A pass already running brings the cache within budget.
+        let Some(_pass) = self.eviction_pass() else {
+            return 0;
+        };
         if self.metrics.cache_bytes.load(Ordering::Relaxed) <= budget {
             return 0;
         }
@@ -234,11 +238,24 @@ impl ContentCache {
     /// `max_bytes` (no hysteresis: `graft cache gc` is asked for a number),
     /// and returns what it removed, oldest access first.
     pub fn gc(&self, max_bytes: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
-        let _pass = self.evicting.lock().expect("eviction lock poisoned");
+        let _pass = loop {
+            match self.eviction_pass() {
+                Some(pass) => break pass,
+                None => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
         self.evict_to(max_bytes)
     }
 
-    /// The eviction pass itself; the caller holds `evicting`.
+    /// The right to run the eviction pass, if no other pass runs.
+    fn eviction_pass(&self) -> Option<Pass<'_>> {
+        self.evicting
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Pass(&self.evicting))
+    }
+
+    /// The eviction pass itself; the caller holds a [`Pass`].
     fn evict_to(&self, target: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
         // Reads not yet written to the index would otherwise look old.
         self.flush_touches();
@@ -391,6 +408,15 @@ pub async fn upkeep(cache: Arc<ContentCache>, mut shutdown: tokio::sync::watch::
             c.evict();
         })
         .await;
+    }
+}
+
+/// The one eviction pass running; ends when dropped.
+struct Pass<'a>(&'a AtomicBool);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

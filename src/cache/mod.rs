@@ -35,6 +35,7 @@ mod upload;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 pub(crate) use body::FileBody;
@@ -89,8 +90,9 @@ pub struct ContentCache {
     /// touches this map; a background task writes it in batches.
     touched: Mutex<HashMap<Digest, u64>>,
     /// One eviction pass at a time: concurrent passes would pick the same
-    /// victims and count their bytes twice.
-    evicting: Mutex<()>,
+    /// victims and count their bytes twice. A flag, not a lock: a pass does
+    /// file I/O, and no lock is held around I/O.
+    evicting: AtomicBool,
 }
 
 /// A committed file ready to serve, already open (so eviction cannot take
