@@ -178,3 +178,39 @@ impl http_body::Body for FileBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A follower's body over a temp file with `written` bytes.
+    fn following(written: u64) -> (FileBody, watch::Sender<FillState>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fill");
+        std::fs::write(&path, vec![7u8; written as usize]).expect("write");
+        let file = Arc::new(File::open(&path).expect("open"));
+        let (tx, rx) = watch::channel(FillState::Writing { written });
+        (FileBody::following(file, Some(100), rx), tx, dir)
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_task_ends_unfinished_ends_its_readers_with_an_error() {
+        let (mut body, tx, _dir) = following(10);
+        let first = body.frame().await.expect("a frame").expect("bytes");
+        assert_eq!(first.into_data().expect("data").len(), 10);
+        drop(tx);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .expect("the body ends instead of waiting forever");
+        assert!(matches!(end, Some(Err(_))), "ended without an error");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_ends_its_readers_with_an_error() {
+        let (mut body, tx, _dir) = following(10);
+        body.frame().await.expect("a frame").expect("bytes");
+        tx.send_replace(FillState::Failed("stalled".into()));
+        assert!(matches!(body.frame().await, Some(Err(_))));
+    }
+}

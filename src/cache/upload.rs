@@ -293,3 +293,35 @@ where
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn sessions_past_the_cap_or_their_age_lose_their_tee() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let clock = Clock::skewable();
+        let cfg = CacheConfig {
+            max_upload_sessions: 2,
+            upload_session_ttl: Duration::from_secs(3600),
+            ..crate::Config::default().cache
+        };
+        let uploads = Uploads::default();
+        uploads.begin(&store, &clock, &cfg, "a");
+        let a = uploads.get("a").expect("session a");
+        uploads.begin(&store, &clock, &cfg, "b");
+        uploads.begin(&store, &clock, &cfg, "c");
+        assert!(uploads.get("a").is_none(), "the oldest session stays");
+        assert_eq!(a.offset(), None, "a dropped session still tees");
+        assert!(uploads.get("b").is_some() && uploads.get("c").is_some());
+        assert_eq!((uploads.len(), uploads.dropped()), (2, 1));
+
+        clock.advance(Duration::from_secs(3601));
+        uploads.begin(&store, &clock, &cfg, "d");
+        assert!(uploads.get("b").is_none() && uploads.get("c").is_none());
+        assert_eq!((uploads.len(), uploads.dropped()), (1, 3));
+    }
+}
