@@ -427,14 +427,15 @@ mod tests {
     const KIB: usize = 1024;
 
     /// A cache in a fresh directory with a budget too large to evict on
-    /// its own, and the index it records into.
+    /// its own, and the index it records into. Its clock is skewable: tests
+    /// move time instead of sleeping.
     fn open_cache(dir: &std::path::Path) -> (Arc<ContentCache>, Index) {
         let index = Index::open(&dir.join("index")).expect("index");
         let cfg = CacheConfig {
             max_bytes: 1 << 30,
             ..crate::Config::default().cache
         };
-        let cache = ContentCache::open(dir, index.clone(), Arc::default(), cfg, Clock::system())
+        let cache = ContentCache::open(dir, index.clone(), Arc::default(), cfg, Clock::skewable())
             .expect("cache");
         (cache, index)
     }
@@ -448,7 +449,7 @@ mod tests {
             let d = Digest::sha256_of(&bytes);
             cache.store_bytes(&d, bytes, None).await;
             out.push(d);
-            std::thread::sleep(std::time::Duration::from_millis(3));
+            cache.clock.advance(std::time::Duration::from_millis(3));
         }
         out
     }
@@ -523,7 +524,7 @@ mod tests {
         let (cache, index) = open_cache(dir.path());
         let d = fill(&cache, 1).await;
         let stored = index.cache_entry(&d[0]).expect("read").expect("entry");
-        std::thread::sleep(std::time::Duration::from_millis(3));
+        cache.clock.advance(std::time::Duration::from_millis(3));
         cache.touch(&d[0]);
         drop(cache);
         let after = index.cache_entry(&d[0]).expect("read").expect("entry");

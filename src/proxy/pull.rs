@@ -16,7 +16,7 @@ use super::serve::{content_response, serve_hit, Want};
 use super::{head_only, passthrough, Outcome, Proxy};
 use crate::access::{is_outage, Decision, Kind};
 use crate::body::{self, Body};
-use crate::cache::{ContentCache, Followed, Lookup, Revalidation, Store, Streaming, TagAnswer};
+use crate::cache::{Followed, Lookup, Revalidation, Store, Streaming, TagAnswer};
 use crate::error::Error;
 use crate::metrics;
 use crate::oci::{Digest, RepoName};
@@ -52,7 +52,7 @@ pub(crate) async fn by_digest(
             Err(e) => Err(e),
         };
     }
-    fetch(proxy, cache, kind, name, digest, req, client, outcome).await
+    fetch(proxy, kind, name, digest, req, client, outcome).await
 }
 
 /// Whether the upstream lets this client read `digest` from `name`;
@@ -73,10 +73,8 @@ async fn allowed(
 }
 
 /// A full GET: a hit, the lead of a fill, or a follower of one.
-#[allow(clippy::too_many_arguments)]
 async fn fetch(
     proxy: &Proxy,
-    cache: &std::sync::Arc<ContentCache>,
     kind: Kind,
     name: RepoName,
     digest: Digest,
@@ -84,6 +82,10 @@ async fn fetch(
     client: &ClientSide,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, Error> {
+    let cache = proxy
+        .cache
+        .as_ref()
+        .expect("fetch is reached only with a cache");
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
     let auth = auth.as_ref();
     let cred = proxy.access.key(auth);
@@ -235,8 +237,8 @@ pub(crate) async fn by_tag(
     *by_digest_req.uri_mut() = pq
         .parse()
         .map_err(|e| Error::Internal(format!("uri: {e}")))?;
-    let (kind, req) = (Kind::Manifest, by_digest_req);
-    fetch(proxy, cache, kind, name, digest, req, client, outcome).await
+    let req = by_digest_req;
+    fetch(proxy, Kind::Manifest, name, digest, req, client, outcome).await
 }
 
 /// Asks the upstream which digest the tag names now (a HEAD with the
