@@ -44,6 +44,11 @@ pub struct CacheConfig {
     /// forgotten and asked about again (offline, read back from the index).
     /// Bounds memory however many distinct tokens clients use.
     pub auth_cache_capacity: u64,
+    /// Blob uploads teed into the cache at once; past it the oldest
+    /// session's tee is dropped (the upload itself passes through).
+    pub max_upload_sessions: usize,
+    /// How long an upload session is teed before it counts as abandoned.
+    pub upload_session_ttl: Duration,
 }
 
 /// How the index's traffic-grown trees are pruned (see `index::prune`):
@@ -273,6 +278,8 @@ impl Default for Config {
                 max_stale: Duration::from_secs(24 * 3600),
                 auth_ttl: Duration::from_secs(60),
                 auth_cache_capacity: 65_536,
+                max_upload_sessions: 256,
+                upload_session_ttl: Duration::from_secs(3600),
             },
             index: IndexConfig {
                 prune_interval: Duration::from_secs(600),
@@ -550,6 +557,14 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("cache.auth_cache_capacity", |c, v| {
         c.cache.auth_cache_capacity = parse_size_value(v)? as u64;
+        Ok(())
+    }),
+    ("cache.max_upload_sessions", |c, v| {
+        c.cache.max_upload_sessions = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("cache.upload_session_ttl", |c, v| {
+        c.cache.upload_session_ttl = parse_duration_value(v)?;
         Ok(())
     }),
 ];

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use common::{
     header_str, random_bytes, sha256_digest, Api, DigestWriter, Graft, Registry, RegistryOptions,
     TestImage,
 };
+use graft::clock::Clock;
 use reqwest::StatusCode;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -37,9 +39,15 @@ async fn pull_image(api: &Api, repo: &str, tag: &str, image: &TestImage) {
     }
 }
 
-/// Lets the registry write its access-log lines for requests just made.
-fn settle() {
-    std::thread::sleep(Duration::from_millis(300));
+/// Waits until the registry has logged every request answered so far: a
+/// marker request sent now is logged after them, so counts read after this
+/// cannot pass because a line was still being written.
+async fn settle(registry: &Registry) {
+    static MARKERS: AtomicUsize = AtomicUsize::new(0);
+    let n = MARKERS.fetch_add(1, Ordering::Relaxed);
+    let path = format!("/v2/settle/marker-{n}/tags/list");
+    let _ = Api::send(Api::for_registry(registry).get(&path)).await;
+    registry.wait_for_access("the settle marker", |e| e.uri == path);
 }
 
 #[tokio::test]
@@ -52,7 +60,7 @@ async fn a_second_pull_is_served_from_the_cache() {
     let graft = Graft::start(&registry);
     let api = Api::for_graft(&graft);
     pull_image(&api, "app", "v1", &image).await;
-    settle();
+    settle(&registry).await;
     assert_eq!(
         blob_gets(&registry, "app"),
         3,
@@ -61,7 +69,7 @@ async fn a_second_pull_is_served_from_the_cache() {
     let manifest_gets = registry.count_requests("GET", "/v2/app/manifests/");
 
     pull_image(&api, "app", "v1", &image).await;
-    settle();
+    settle(&registry).await;
     assert_eq!(
         blob_gets(&registry, "app"),
         3,
@@ -143,7 +151,7 @@ async fn ranges_on_hits_get_206_and_unsatisfiable_ones_416() {
             Some("bytes */1000")
         );
     }
-    settle();
+    settle(&registry).await;
     assert_eq!(
         blob_gets(&registry, "app"),
         1,
@@ -155,12 +163,14 @@ async fn ranges_on_hits_get_206_and_unsatisfiable_ones_416() {
 async fn sixteen_concurrent_pulls_of_an_uncached_blob_make_one_upstream_fetch() {
     let registry = Registry::start();
     let direct = Api::for_registry(&registry);
-    let data = Bytes::from(random_bytes(64 << 20));
+    // 16 clients hash what they read (in a debug build, on a shared
+    // machine): 16 MiB each keeps that well inside the client's timeout.
+    let data = Bytes::from(random_bytes(16 << 20));
     let digest = direct.push_blob("app", data.clone()).await;
     drop(data);
-    // A slow upstream (~32 MiB/s), so the fetch is still running while the
+    // A slow upstream (~8 MiB/s), so the fetch is still running while the
     // clients read.
-    let shim = Shim::start(&registry.host(), Fault::Throttle(32 << 20));
+    let shim = Shim::start(&registry.host(), Fault::Throttle(8 << 20));
     let graft = Graft::start_for_upstream(&shim.url(), |_| {});
     let api = Api::for_graft(&graft);
     let started = Instant::now();
@@ -187,7 +197,7 @@ async fn sixteen_concurrent_pulls_of_an_uncached_blob_make_one_upstream_fetch() 
         }
     });
     let results = futures_util::future::join_all(pulls).await;
-    settle();
+    settle(&registry).await;
 
     assert_eq!(
         blob_gets(&registry, "app"),
@@ -284,10 +294,10 @@ async fn a_corrupted_or_cut_upstream_body_is_never_cached_nor_ended_cleanly() {
     // Nothing was cached: the next pull fetches again, and gets it right.
     shim.set_fault(Fault::None);
     assert_eq!(api.get_blob("app", &digest).await, data);
-    settle();
+    settle(&registry).await;
     assert_eq!(blob_gets(&registry, "app"), 3);
     assert_eq!(api.get_blob("app", &digest).await, data);
-    settle();
+    settle(&registry).await;
     assert_eq!(blob_gets(&registry, "app"), 3, "the good copy was cached");
 }
 
@@ -412,10 +422,10 @@ async fn a_blob_cached_through_one_repository_is_refused_for_another_that_lacks_
 
     // Once team-b has it upstream, it is served from the cache.
     direct.push_blob("team-b/app", data.clone()).await;
-    settle();
+    settle(&registry).await;
     let before = blob_gets(&registry, "team-b/app");
     assert_eq!(api.get_blob("team-b/app", &digest).await, data);
-    settle();
+    settle(&registry).await;
     assert_eq!(
         blob_gets(&registry, "team-b/app"),
         before,
@@ -452,7 +462,7 @@ async fn tags_are_revalidated_unless_within_their_ttl() {
     });
     let api = Api::for_graft(&graft);
     assert_eq!(api.get_manifest("app", "latest").await, one.manifest);
-    settle();
+    settle(&registry).await;
     let heads = registry.count_requests("HEAD", "/v2/app/manifests/latest");
     direct
         .push_manifest("app", "latest", OCI_MANIFEST, two.manifest.clone())
@@ -462,7 +472,7 @@ async fn tags_are_revalidated_unless_within_their_ttl() {
         one.manifest,
         "within the TTL the known digest stands"
     );
-    settle();
+    settle(&registry).await;
     assert_eq!(
         registry.count_requests("HEAD", "/v2/app/manifests/latest"),
         heads
@@ -483,7 +493,7 @@ async fn a_manifest_pushed_through_graft_is_pulled_without_an_upstream_get() {
     .await;
     let resp = expect_status(resp, StatusCode::OK, "pull after push").await;
     assert_eq!(resp.bytes().await.expect("body"), image.manifest);
-    settle();
+    settle(&registry).await;
     assert_eq!(registry.count_requests("GET", "/v2/app/manifests/"), 0);
 }
 
@@ -498,7 +508,7 @@ async fn blobs_pushed_through_graft_are_pulled_without_an_upstream_get() {
     let (d2, _) = api.push_blob_chunked("app", &chunked, 1 << 20).await;
     assert_eq!(api.get_blob("app", &d1).await, monolithic);
     assert_eq!(api.get_blob("app", &d2).await, chunked);
-    settle();
+    settle(&registry).await;
     assert_eq!(
         blob_gets(&registry, "app"),
         0,
@@ -510,7 +520,7 @@ async fn blobs_pushed_through_graft_are_pulled_without_an_upstream_get() {
     let other = Bytes::from(random_bytes(1000));
     let d3 = direct.push_blob("app", other.clone()).await;
     assert_eq!(api.get_blob("app", &d3).await, other);
-    settle();
+    settle(&registry).await;
     assert_eq!(blob_gets(&registry, "app"), 1);
 }
 
@@ -546,6 +556,7 @@ async fn cache_verify_finds_and_drops_a_corrupted_file() {
         index,
         Arc::new(graft::metrics::Metrics::default()),
         graft.config().cache.clone(),
+        graft.config().clock.clone(),
     )
     .expect("cache");
     let (checked, corrupt) = cache.verify_all().expect("verify");
@@ -566,14 +577,14 @@ async fn an_authorization_is_checked_once_per_ttl_not_per_hit() {
     let graft = Graft::start(&registry);
     let api = Api::for_graft(&graft);
     pull_image(&api, "app", "v1", &image).await;
-    settle();
+    settle(&registry).await;
     let heads = registry.count_requests("HEAD", "/v2/app/blobs/");
     for _ in 0..5 {
         for blob in image.blobs() {
             assert_eq!(api.get_blob("app", &blob.digest).await, blob.data);
         }
     }
-    settle();
+    settle(&registry).await;
     assert_eq!(
         registry.count_requests("HEAD", "/v2/app/blobs/"),
         heads,
@@ -607,4 +618,165 @@ async fn offline_pulls_survive_a_graft_restart_for_the_clients_that_were_allowed
     let anonymous = Api::for_graft(&graft);
     let resp = Api::send(anonymous.get("/v2/app/manifests/v1")).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
+
+/// graft's metric `name` (a counter or gauge without labels).
+async fn metric(api: &Api, name: &str) -> u64 {
+    let text = Api::send(api.get("/metrics"))
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from {text}"))
+}
+
+#[tokio::test]
+async fn a_tag_is_trusted_for_its_ttl_and_revalidated_once_it_passes() {
+    let registry = Registry::start();
+    let direct = Api::for_registry(&registry);
+    let one = TestImage::build(1);
+    let two = TestImage::build(1);
+    direct.push_image("app", "latest", &one).await;
+    direct.push_image("app", "other", &two).await;
+    let clock = Clock::skewable();
+    let graft = Graft::start_with(&registry, |c| {
+        c.clock = clock.clone();
+        c.cache.tag_ttl = Duration::from_secs(600);
+        c.cache.auth_ttl = Duration::from_secs(3600);
+    });
+    let api = Api::for_graft(&graft);
+    assert_eq!(api.get_manifest("app", "latest").await, one.manifest);
+    settle(&registry).await;
+    let heads = registry.count_requests("HEAD", "/v2/app/manifests/latest");
+    assert_eq!(heads, 1, "the first pull resolves the tag upstream");
+    direct
+        .push_manifest("app", "latest", OCI_MANIFEST, two.manifest.clone())
+        .await;
+
+    clock.advance(Duration::from_secs(590));
+    assert_eq!(
+        api.get_manifest("app", "latest").await,
+        one.manifest,
+        "within cache.tag_ttl the known digest stands"
+    );
+    settle(&registry).await;
+    assert_eq!(
+        registry.count_requests("HEAD", "/v2/app/manifests/latest"),
+        heads
+    );
+
+    clock.advance(Duration::from_secs(20));
+    assert_eq!(
+        api.get_manifest("app", "latest").await,
+        two.manifest,
+        "past cache.tag_ttl the tag is revalidated"
+    );
+    settle(&registry).await;
+    assert_eq!(
+        registry.count_requests("HEAD", "/v2/app/manifests/latest"),
+        heads + 1
+    );
+}
+
+#[tokio::test]
+async fn a_last_known_tag_is_served_while_the_upstream_is_out_up_to_max_stale() {
+    let mut registry = Registry::start();
+    let direct = Api::for_registry(&registry);
+    let image = TestImage::build(1);
+    direct.push_image("app", "v1", &image).await;
+    let clock = Clock::skewable();
+    let graft = Graft::start_with(&registry, |c| {
+        c.clock = clock.clone();
+        c.cache.max_stale = Duration::from_secs(3600);
+    });
+    let api = Api::for_graft(&graft);
+    pull_image(&api, "app", "v1", &image).await;
+    registry.stop();
+
+    clock.advance(Duration::from_secs(3500));
+    assert_eq!(api.get_manifest("app", "v1").await, image.manifest);
+    assert_eq!(metric(&api, "graft_tag_stale_served_total").await, 1);
+
+    clock.advance(Duration::from_secs(200));
+    let resp = Api::send(
+        api.get("/v2/app/manifests/v1")
+            .header("accept", OCI_MANIFEST),
+    )
+    .await;
+    common::assert_oci_error(resp, 502, None).await;
+    assert_eq!(
+        metric(&api, "graft_tag_stale_served_total").await,
+        1,
+        "past cache.max_stale the last known digest is not served"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_upstream_body_fails_the_fill_and_its_follower_and_nothing_is_cached() {
+    let registry = Registry::start();
+    let direct = Api::for_registry(&registry);
+    let data = Bytes::from(random_bytes(4 << 20));
+    let digest = direct.push_blob("app", data.clone()).await;
+    let shim = Shim::start(&registry.host(), Fault::StallAfter(1 << 20));
+    let graft = Graft::start_for_upstream(&shim.url(), |c| {
+        c.upstream.body_timeout = Duration::from_secs(2);
+    });
+    let api = Api::for_graft(&graft);
+    let path = format!("/v2/app/blobs/{digest}");
+
+    let leader = expect_status(Api::send(api.get(&path)).await, StatusCode::OK, "leader").await;
+    // The fill is under way (the leader has its headers): a second client
+    // follows it.
+    let follower = expect_status(Api::send(api.get(&path)).await, StatusCode::OK, "follower").await;
+    assert_eq!(metric(&api, "graft_cache_coalesced_waiters_total").await, 1);
+    let (led, followed) = tokio::join!(read_all(leader), read_all(follower));
+    assert!(led.is_err(), "the leader's body ended cleanly");
+    assert!(followed.is_err(), "the follower's body ended cleanly");
+    assert_eq!(metric(&api, "graft_cache_fills_failed_total").await, 1);
+
+    // Nothing was cached: the next pull fetches afresh, and that copy stays.
+    shim.set_fault(Fault::None);
+    assert_eq!(api.get_blob("app", &digest).await, data);
+    common::wait_until(Duration::from_secs(10), "two upstream GETs", || {
+        blob_gets(&registry, "app") >= 2
+    });
+    assert_eq!(api.get_blob("app", &digest).await, data);
+    settle(&registry).await;
+    assert_eq!(blob_gets(&registry, "app"), 2, "the good copy was cached");
+}
+
+#[tokio::test]
+async fn past_the_upload_session_cap_the_oldest_tee_is_dropped_and_its_upload_still_succeeds() {
+    let registry = Registry::start();
+    let graft = Graft::start_with(&registry, |c| c.cache.max_upload_sessions = 1);
+    let api = Api::for_graft(&graft);
+    let first = Bytes::from(random_bytes(100_000));
+    let second = Bytes::from(random_bytes(100_000));
+    let (d1, d2) = (sha256_digest(&first), sha256_digest(&second));
+    let at1 = api.start_upload("app").await;
+    // Over the cap: the first session's tee is dropped.
+    let at2 = api.start_upload("app").await;
+    for (at, data, digest) in [(&at1, &first, &d1), (&at2, &second, &d2)] {
+        let put = api
+            .request(reqwest::Method::PUT, at)
+            .query(&[("digest", digest.as_str())])
+            .header("content-type", "application/octet-stream")
+            .body(data.clone());
+        expect_status(Api::send(put).await, StatusCode::CREATED, "PUT blob").await;
+    }
+    assert_eq!(api.get_blob("app", &d2).await, second);
+    assert_eq!(api.get_blob("app", &d1).await, first);
+    settle(&registry).await;
+    assert_eq!(
+        registry.count_requests("GET", &format!("/v2/app/blobs/{d2}")),
+        0,
+        "the upload within the cap was cached"
+    );
+    assert_eq!(
+        registry.count_requests("GET", &format!("/v2/app/blobs/{d1}")),
+        1,
+        "the upload whose tee was dropped was not"
+    );
 }

@@ -52,6 +52,7 @@ fn open(config: &Config) -> Result<Arc<ContentCache>, CacheCommandError> {
         index,
         Arc::default(),
         config.cache.clone(),
+        config.clock.clone(),
     )?)
 }
 

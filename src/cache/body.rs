@@ -13,42 +13,47 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::FillState;
+use super::fill::FillState;
 use crate::body::BoxError;
 
 /// Large reads keep the per-chunk cost (one blocking-pool hop) small
 /// relative to the bytes moved.
 const CHUNK: u64 = 512 * 1024;
 
-type Wait = Pin<Box<dyn Future<Output = watch::Receiver<FillState>> + Send>>;
+/// The wait for a fill to move; `false` when its task ended (the sender
+/// was dropped) — no more bytes will come.
+type Wait = Pin<Box<dyn Future<Output = (watch::Receiver<FillState>, bool)> + Send>>;
 
 /// Streams `[pos, end)` of a file. With a fill attached, bytes are sent only
 /// as far as the fill has written them, and the last byte only once the
 /// fill is committed — a body that ends cleanly always matches its digest.
-pub struct FileBody {
+pub(crate) struct FileBody {
     file: Arc<File>,
     pos: u64,
     end: u64,
     fill: Option<watch::Receiver<FillState>>,
+    /// The fill's task ended: whatever it did not finish never will be.
+    orphaned: bool,
     waiting: Option<Wait>,
     reading: Option<JoinHandle<std::io::Result<Bytes>>>,
 }
 
 impl FileBody {
     /// A committed file, `[start, end)`.
-    pub fn committed(file: Arc<File>, start: u64, end: u64) -> FileBody {
+    pub(super) fn committed(file: Arc<File>, start: u64, end: u64) -> FileBody {
         FileBody {
             file,
             pos: start,
             end,
             fill: None,
+            orphaned: false,
             waiting: None,
             reading: None,
         }
     }
 
     /// The temp file of a fill; `len` when the upstream declared it.
-    pub fn following(
+    pub(super) fn following(
         file: Arc<File>,
         len: Option<u64>,
         fill: watch::Receiver<FillState>,
@@ -58,6 +63,7 @@ impl FileBody {
             pos: 0,
             end: len.unwrap_or(u64::MAX),
             fill: Some(fill),
+            orphaned: false,
             waiting: None,
             reading: None,
         }
@@ -75,6 +81,9 @@ impl FileBody {
                 self.end = self.end.min(len);
                 self.fill = None;
                 Ok(self.end)
+            }
+            FillState::Writing { .. } if self.orphaned => {
+                Err("cache fill ended without finishing".into())
             }
             FillState::Writing { written } => Ok(written.min(self.end.saturating_sub(1))),
             FillState::Failed(why) => Err(format!("cache fill failed: {why}").into()),
@@ -111,12 +120,13 @@ impl http_body::Body for FileBody {
                 };
             }
             if let Some(waiting) = self.waiting.as_mut() {
-                let rx = match waiting.as_mut().poll(cx) {
+                let (rx, alive) = match waiting.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(rx) => rx,
+                    Poll::Ready(r) => r,
                 };
                 self.waiting = None;
                 self.fill = Some(rx);
+                self.orphaned = !alive;
             }
             let available = match self.available() {
                 Ok(a) => a,
@@ -150,8 +160,8 @@ impl http_body::Body for FileBody {
                 .take()
                 .expect("a fill is attached when bytes are pending");
             self.waiting = Some(Box::pin(async move {
-                let _ = rx.changed().await;
-                rx
+                let alive = rx.changed().await.is_ok();
+                (rx, alive)
             }));
         }
     }
@@ -166,5 +176,41 @@ impl http_body::Body for FileBody {
         } else {
             SizeHint::with_exact(self.end - self.pos)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A follower's body over a temp file with `written` bytes.
+    fn following(written: u64) -> (FileBody, watch::Sender<FillState>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fill");
+        std::fs::write(&path, vec![7u8; written as usize]).expect("write");
+        let file = Arc::new(File::open(&path).expect("open"));
+        let (tx, rx) = watch::channel(FillState::Writing { written });
+        (FileBody::following(file, Some(100), rx), tx, dir)
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_task_ends_unfinished_ends_its_readers_with_an_error() {
+        let (mut body, tx, _dir) = following(10);
+        let first = body.frame().await.expect("a frame").expect("bytes");
+        assert_eq!(first.into_data().expect("data").len(), 10);
+        drop(tx);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .expect("the body ends instead of waiting forever");
+        assert!(matches!(end, Some(Err(_))), "ended without an error");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_ends_its_readers_with_an_error() {
+        let (mut body, tx, _dir) = following(10);
+        body.frame().await.expect("a frame").expect("bytes");
+        tx.send_replace(FillState::Failed("stalled".into()));
+        assert!(matches!(body.frame().await, Some(Err(_))));
     }
 }

@@ -1,28 +1,34 @@
 //! Coalesced misses: one upstream fetch per digest, however many clients
 //! ask at once.
 //!
-//! The first client to miss claims the digest and becomes the leader: it
-//! asks the upstream. Everyone else follows the fill. The fetch runs in its
-//! own task, writing a temp file; every client — the leader included — reads
-//! that file as it grows, so bytes reach all of them as they arrive, and a
-//! leader that hangs up does not cut the others off. Followers never see the
-//! end of a body before the content was verified: the last byte is held
+//! The first client to miss claims the digest and holds the [`Miss`]: it
+//! asks the upstream and hands its 200 to [`Miss::fill`]. Everyone else
+//! holds a [`Follow`]. The fetch runs in its own task, writing a temp file
+//! on the blocking pool; every client — the leader included — reads that
+//! file as it grows, so bytes reach all of them as they arrive, and a
+//! leader that hangs up does not cut the others off. Followers never see
+//! the end of a body before the content was verified: the last byte is held
 //! back until the fill is committed, and a failed fill fails their bodies.
+//! An upstream body silent for `upstream.body_timeout` fails the fill.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use http::header;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
-use super::{CacheError, Store, Writer};
-use crate::oci::Digest;
+use super::{store::Writer, CacheError, ContentCache, FileBody};
+use crate::credentials::CredKey;
+use crate::oci::{Digest, RepoName};
 
 /// Where a fill stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FillState {
+pub(super) enum FillState {
     /// The leader is waiting for the upstream's answer.
     Connecting,
     /// Bytes are arriving; `written` are in the temp file.
@@ -37,35 +43,31 @@ pub enum FillState {
 }
 
 /// One digest being fetched.
-pub struct Fill {
-    pub digest: Digest,
+pub(super) struct Fill {
+    digest: Digest,
     /// Who the leader is, so followers with the same credentials on the same
     /// repository are authorized by the leader's answer.
-    pub leader: (String, [u8; 32]),
+    leader: (RepoName, CredKey),
     state: watch::Receiver<FillState>,
-    /// Set once the upstream answered 200: the read side of the temp file,
-    /// its declared length, and the content type.
+    /// Set once the upstream answered 200. The lock is held only to clone.
     opened: Mutex<Option<Opened>>,
 }
 
+/// The read side of the temp file, its declared length, the content type.
 #[derive(Clone)]
-pub struct Opened {
-    pub file: Arc<File>,
-    pub len: Option<u64>,
-    pub content_type: Option<String>,
+struct Opened {
+    file: Arc<File>,
+    len: Option<u64>,
+    content_type: Option<String>,
 }
 
 impl Fill {
-    pub fn subscribe(&self) -> watch::Receiver<FillState> {
-        self.state.clone()
-    }
-
-    pub fn opened(&self) -> Option<Opened> {
+    fn opened(&self) -> Option<Opened> {
         self.opened.lock().expect("fill poisoned").clone()
     }
 
     /// Waits until the leader has the upstream's answer (or gave up).
-    pub async fn settled(&self) -> FillState {
+    async fn settled(&self) -> FillState {
         let mut rx = self.state.clone();
         loop {
             let s = rx.borrow_and_update().clone();
@@ -77,34 +79,43 @@ impl Fill {
             }
         }
     }
+
+    fn streaming(&self, opened: Opened) -> Streaming {
+        Streaming {
+            body: FileBody::following(opened.file, opened.len, self.state.clone()),
+            len: opened.len,
+            content_type: opened.content_type,
+        }
+    }
 }
 
 /// The fills in flight.
 #[derive(Default)]
-pub struct Fills {
+pub(super) struct Fills {
     map: Mutex<HashMap<Digest, Arc<Fill>>>,
 }
 
 /// The claim of the first client to miss a digest.
-pub struct Lead {
+pub(super) struct Lead {
     fill: Arc<Fill>,
     tx: watch::Sender<FillState>,
     fills: Arc<Fills>,
     started: bool,
 }
 
-pub enum Claim {
+pub(super) enum Claim {
     Lead(Lead),
     Follow(Arc<Fill>),
 }
 
-/// Called once a fill ended: `Some((len, content type))` when it committed,
-/// `None` when it was discarded.
-pub type OnCommit = Box<dyn FnOnce(&Digest, Option<(u64, Option<&str>)>) + Send>;
-
 impl Fills {
     /// Leads the fill of `digest`, or follows the one in flight.
-    pub fn claim(self: &Arc<Self>, digest: &Digest, repo: &str, cred: [u8; 32]) -> Claim {
+    pub(super) fn claim(
+        self: &Arc<Self>,
+        digest: &Digest,
+        repo: &RepoName,
+        cred: CredKey,
+    ) -> Claim {
         let mut map = self.map.lock().expect("fills poisoned");
         if let Some(f) = map.get(digest) {
             return Claim::Follow(f.clone());
@@ -112,7 +123,7 @@ impl Fills {
         let (tx, rx) = watch::channel(FillState::Connecting);
         let fill = Arc::new(Fill {
             digest: digest.clone(),
-            leader: (repo.to_string(), cred),
+            leader: (repo.clone(), cred),
             state: rx,
             opened: Mutex::new(None),
         });
@@ -130,36 +141,6 @@ impl Fills {
     }
 }
 
-impl Lead {
-    /// The upstream answered 200 with `body`: write it to the store in a
-    /// task of its own and return the fill to read from.
-    pub fn start<B>(
-        mut self,
-        store: &Arc<Store>,
-        body: B,
-        len: Option<u64>,
-        content_type: Option<String>,
-        on_commit: OnCommit,
-    ) -> Result<Arc<Fill>, CacheError>
-    where
-        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: std::fmt::Display,
-    {
-        let writer = store.writer(&self.fill.digest)?;
-        let file = Arc::new(File::open(writer.path())?);
-        *self.fill.opened.lock().expect("fill poisoned") = Some(Opened {
-            file,
-            len,
-            content_type: content_type.clone(),
-        });
-        self.started = true;
-        let _ = self.tx.send(FillState::Writing { written: 0 });
-        let fill = self.fill.clone();
-        tokio::spawn(run(self, writer, body, len, content_type, on_commit));
-        Ok(fill)
-    }
-}
-
 impl Drop for Lead {
     fn drop(&mut self) {
         if !self.started {
@@ -169,58 +150,248 @@ impl Drop for Lead {
     }
 }
 
-async fn run<B>(
-    lead: Lead,
-    mut writer: Writer,
-    mut body: B,
+/// A body being filled into the cache, as the client reads it.
+pub(crate) struct Streaming {
+    body: FileBody,
     len: Option<u64>,
     content_type: Option<String>,
-    on_commit: OnCommit,
-) where
-    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+}
+
+impl Streaming {
+    /// The body, its declared length and the upstream's content type.
+    pub(crate) fn into_parts(self) -> (FileBody, Option<u64>, Option<String>) {
+        (self.body, self.len, self.content_type)
+    }
+}
+
+/// The miss handler: the leader's duty to fill. Dropping it without
+/// [`Miss::fill`] abandons the fill, and followers ask for themselves.
+pub(crate) struct Miss {
+    lead: Lead,
+    cache: Arc<ContentCache>,
+    repo: RepoName,
+}
+
+impl Miss {
+    pub(super) fn new(lead: Lead, cache: Arc<ContentCache>, repo: RepoName) -> Miss {
+        Miss { lead, cache, repo }
+    }
+
+    /// The upstream answered 200 with the content: the repository holds it;
+    /// stream the body into the cache in a task of its own, and return what
+    /// the leader's client reads.
+    pub(crate) async fn fill<B>(
+        mut self,
+        resp: http::Response<B>,
+        body_timeout: Duration,
+    ) -> Result<Streaming, CacheError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let digest = self.lead.fill.digest.clone();
+        let text = |h: header::HeaderName| {
+            let v = resp.headers().get(h)?.to_str().ok()?;
+            Some(v.to_string())
+        };
+        let len = text(header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+        let content_type = text(header::CONTENT_TYPE);
+        self.cache.mark_present(&self.repo, &digest).await;
+        let (store, d) = (self.cache.store.clone(), digest.clone());
+        let (writer, file) = ContentCache::blocking(move || {
+            let w = store.writer(&d)?;
+            let f = File::open(w.path())?;
+            Ok::<_, CacheError>((w, f))
+        })
+        .await??;
+        let opened = Opened {
+            file: Arc::new(file),
+            len,
+            content_type,
+        };
+        *self.lead.fill.opened.lock().expect("fill poisoned") = Some(opened.clone());
+        self.lead.started = true;
+        let _ = self.lead.tx.send(FillState::Writing { written: 0 });
+        let streaming = self.lead.fill.streaming(opened.clone());
+        let job = Job {
+            lead: self.lead,
+            cache: self.cache,
+            len,
+            content_type: opened.content_type,
+            body_timeout,
+        };
+        tokio::spawn(job.run(writer, resp.into_body()));
+        Ok(streaming)
+    }
+}
+
+/// A fill in progress that another client leads.
+pub(crate) struct Follow {
+    fill: Arc<Fill>,
+}
+
+/// What a follower gets once the leader has the upstream's answer.
+pub(crate) enum Followed {
+    /// The leader got no content: ask the cache again (and lead, maybe).
+    Abandoned,
+    /// The fetch failed; nothing was cached.
+    Failed(String),
+    Streaming(Streaming),
+}
+
+impl Follow {
+    pub(super) fn new(fill: Arc<Fill>) -> Follow {
+        Follow { fill }
+    }
+
+    /// Whether the leader asked with these credentials on this repository
+    /// (its 200 then answers for this client too).
+    pub(crate) fn led_by(&self, repo: &RepoName, cred: CredKey) -> bool {
+        self.fill.leader.0 == *repo && self.fill.leader.1 == cred
+    }
+
+    pub(crate) async fn wait(self) -> Followed {
+        match self.fill.settled().await {
+            FillState::Connecting | FillState::Abandoned => Followed::Abandoned,
+            FillState::Failed(why) => Followed::Failed(why),
+            FillState::Writing { .. } | FillState::Done { .. } => match self.fill.opened() {
+                Some(opened) => Followed::Streaming(self.fill.streaming(opened)),
+                None => Followed::Abandoned,
+            },
+        }
+    }
+}
+
+/// Bytes written to the temp file in one blocking-pool hop, at most.
+const BATCH: usize = 512 * 1024;
+
+/// The next data frame's bytes; `None` at the end of the body.
+async fn next_data<B>(body: &mut B) -> Result<Option<Bytes>, CacheError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let result: Result<u64, CacheError> = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| CacheError::Upstream(e.to_string()))?;
-            if let Ok(data) = frame.into_data() {
-                // Small writes into the page cache; the fsync happens once,
-                // at commit, off the async threads.
-                writer.write(&data)?;
-                let written = writer.written();
-                if len.is_some_and(|l| written > l) {
-                    return Err(CacheError::Upstream(format!(
-                        "upstream sent more than its Content-Length of {}",
-                        len.unwrap_or_default()
-                    )));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| CacheError::Upstream(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
+}
+
+/// The task that writes one fill.
+struct Job {
+    lead: Lead,
+    cache: Arc<ContentCache>,
+    len: Option<u64>,
+    content_type: Option<String>,
+    body_timeout: Duration,
+}
+
+impl Job {
+    async fn run<B>(self, writer: Writer, body: B)
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let digest = self.lead.fill.digest.clone();
+        let mut slot = Some(writer);
+        let pumped = self.pump(&mut slot, body).await;
+        let result = match (pumped, slot.take()) {
+            (Ok(()), Some(writer)) => {
+                let (cache, d, ct) = (
+                    self.cache.clone(),
+                    digest.clone(),
+                    self.content_type.clone(),
+                );
+                ContentCache::blocking(move || {
+                    let n = writer.commit()?;
+                    cache.filled(&d, n, ct.as_deref());
+                    Ok(n)
+                })
+                .await
+                .and_then(|r| r)
+            }
+            (pumped, writer) => {
+                // Dropping a writer deletes its temp file: blocking I/O.
+                if let Some(w) = writer {
+                    let _ = ContentCache::blocking(move || drop(w)).await;
                 }
-                lead.tx.send_replace(FillState::Writing { written });
+                pumped.and(Err(CacheError::Upstream("the writer was lost".into())))
+            }
+        };
+        match result {
+            Ok(n) => {
+                self.lead.tx.send_replace(FillState::Done { len: n });
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cache fill failed; nothing cached");
+                self.cache.fill_failed();
+                self.lead.tx.send_replace(FillState::Failed(e.to_string()));
             }
         }
-        if let Some(l) = len {
-            if writer.written() != l {
+        self.lead.fills.remove(&digest);
+    }
+
+    /// Copies the body into the writer, publishing progress to the readers.
+    /// Frames already arrived are written together (up to [`BATCH`] bytes):
+    /// one blocking-pool hop, and one wake-up of the readers, per batch.
+    async fn pump<B>(&self, slot: &mut Option<Writer>, mut body: B) -> Result<(), CacheError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let mut written = 0u64;
+        let mut ended = false;
+        while !ended {
+            let first = match tokio::time::timeout(self.body_timeout, next_data(&mut body)).await {
+                Err(_) => {
+                    return Err(CacheError::Upstream(format!(
+                        "no byte for {} (upstream.body_timeout)",
+                        humantime::format_duration(self.body_timeout)
+                    )))
+                }
+                Ok(r) => r?,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            let mut size = batch[0].len();
+            while size < BATCH {
+                match next_data(&mut body).now_or_never() {
+                    None => break,
+                    Some(Ok(Some(data))) => {
+                        size += data.len();
+                        batch.push(data);
+                    }
+                    Some(Ok(None)) => ended = true,
+                    Some(Err(e)) => return Err(e),
+                }
+                if ended {
+                    break;
+                }
+            }
+            written += size as u64;
+            if let Some(l) = self.len.filter(|l| written > *l) {
                 return Err(CacheError::Upstream(format!(
-                    "upstream body ended after {} of {l} bytes",
-                    writer.written()
+                    "upstream sent more than its Content-Length of {l}"
                 )));
             }
+            let mut w = slot.take().expect("the writer is back after every write");
+            let (w, wrote) = ContentCache::blocking(move || {
+                let r = batch.iter().try_for_each(|data| w.write(data));
+                (w, r)
+            })
+            .await?;
+            *slot = Some(w);
+            wrote?;
+            self.lead.tx.send_replace(FillState::Writing { written });
         }
-        tokio::task::spawn_blocking(move || writer.commit())
-            .await
-            .map_err(|e| CacheError::Upstream(format!("commit task: {e}")))?
+        match self.len {
+            Some(l) if written != l => Err(CacheError::Upstream(format!(
+                "upstream body ended after {written} of {l} bytes"
+            ))),
+            _ => Ok(()),
+        }
     }
-    .await;
-    let digest = lead.fill.digest.clone();
-    match result {
-        Ok(n) => {
-            on_commit(&digest, Some((n, content_type.as_deref())));
-            lead.tx.send_replace(FillState::Done { len: n });
-        }
-        Err(e) => {
-            tracing::warn!(%digest, error = %e, "cache fill failed; nothing cached");
-            on_commit(&digest, None);
-            lead.tx.send_replace(FillState::Failed(e.to_string()));
-        }
-    }
-    lead.fills.remove(&digest);
 }

@@ -1,33 +1,61 @@
-//! The content-addressed store: the only code that writes cache files.
+//! The cache, behind one door: the proxy asks, the cache answers, and
+//! nothing outside this module sees its files, fills or records.
 //!
-//! Layout under the data directory: `blobs/sha256/<aa>/<hex>` for content,
-//! `blobs/tmp/` for fills in progress. A file becomes visible under its
-//! digest only after its bytes were hashed, matched, fsynced and renamed;
-//! `tmp/` is emptied at startup, so no partial file survives a restart.
+//! The contract, after pingora-cache:
+//! - [`ContentCache::lookup`] for (repository, digest, credentials) answers
+//!   a [`Hit`] (a committed file to serve), a [`Miss`] (the caller fetches;
+//!   it hands the upstream's 200 to [`Miss::fill`], which streams it into
+//!   the cache and back to the caller — dropping the `Miss` unfilled means
+//!   the fill failed, and followers ask for themselves), or a [`Follow`] of
+//!   a fill in progress.
+//! - [`ContentCache::resolve_tag`] turns a tag into a digest to serve:
+//!   trusted for `cache.tag_ttl`, then revalidated with the caller's HEAD,
+//!   and while the upstream is out the last known digest stands for
+//!   `cache.max_stale`.
+//! - Blob uploads are teed into the cache as they pass through
+//!   ([`ContentCache::begin_upload`], [`Tee`]), and manifests pushed through
+//!   graft are written through ([`ContentCache::store_bytes`]).
+//!
+//! Which repositories the upstream confirmed hold which content (the
+//! `present` records), tag records, last-access times and byte accounting
+//! live here too. No file or sled I/O runs on the async workers: it goes
+//! through the blocking pool, and the media types of committed manifests
+//! are kept in memory so manifest hits read nothing but the file.
 //!
 //! Readers hold an open file descriptor: eviction unlinks the name, and a
 //! reader that already opened the file keeps reading the same inode to the
 //! end — an entry being read is never deleted under its reader.
 
 mod body;
-mod content;
+mod entries;
 mod fill;
+mod store;
+mod tags;
 mod upload;
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
-use sha2::{Digest as _, Sha256};
+pub(crate) use body::FileBody;
+pub use entries::{upkeep, CacheStats, VerifyReport};
+pub(crate) use fill::{Follow, Followed, Miss, Streaming};
+pub(crate) use store::Store;
+pub(crate) use tags::{Revalidation, TagAnswer};
+pub(crate) use upload::{Session, Tee};
 
-pub use body::FileBody;
-pub use content::{now_millis, now_secs, upkeep, CacheStats, ContentCache, Hit, VerifyReport};
-pub use fill::{Claim, Fill, FillState, Fills, Lead};
-pub use upload::{Session, SharedSession, Tee, Uploads};
+use crate::clock::Clock;
+use crate::config::CacheConfig;
+use crate::credentials::CredKey;
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::oci::{Digest, RepoName};
+use fill::{Claim, Fills};
+use upload::Uploads;
 
-use crate::oci::Digest;
+/// Committed manifests whose media type is kept in memory.
+const MEDIA_TYPES: u64 = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -45,234 +73,195 @@ impl From<CacheError> for crate::error::Error {
     }
 }
 
-/// The store on disk.
-pub struct Store {
-    root: PathBuf,
-    tmp: PathBuf,
-    seq: AtomicU64,
+/// The cache: store, fills in flight, uploads being teed, and the records
+/// in the index.
+pub struct ContentCache {
+    store: Arc<Store>,
+    fills: Arc<Fills>,
+    uploads: Uploads,
+    index: Index,
+    metrics: Arc<Metrics>,
+    cfg: CacheConfig,
+    clock: Clock,
+    /// Media types of committed manifests, so a manifest hit does not read
+    /// sled; bounded, and refilled from the index after a restart.
+    media_types: moka::sync::Cache<Digest, Arc<str>>,
+    /// Last-access times not yet written to the index: the hit path only
+    /// touches this map; a background task writes it in batches.
+    touched: Mutex<HashMap<Digest, u64>>,
+    /// One eviction pass at a time: concurrent passes would pick the same
+    /// victims and count their bytes twice. A flag, not a lock: a pass does
+    /// file I/O, and no lock is held around I/O.
+    evicting: AtomicBool,
 }
 
-impl Store {
-    /// Opens the store under `data_dir`, removing leftovers of interrupted
-    /// fills.
-    pub fn open(data_dir: &Path) -> Result<Arc<Store>, CacheError> {
-        let root = data_dir.join("blobs");
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)?;
-        std::fs::create_dir_all(root.join("sha256"))?;
-        Ok(Arc::new(Store {
-            root,
-            tmp,
-            seq: AtomicU64::new(0),
-        }))
+/// A committed file ready to serve, already open (so eviction cannot take
+/// it from under the reader).
+pub(crate) struct Hit {
+    file: Arc<File>,
+    len: u64,
+    media_type: Option<String>,
+}
+
+impl Hit {
+    pub(crate) fn len(&self) -> u64 {
+        self.len
     }
 
-    /// Only sha256 content is cached; other algorithms pass through.
-    pub fn cacheable(digest: &Digest) -> bool {
-        digest.algorithm() == "sha256"
+    /// The media type recorded when the content was cached (manifests).
+    pub(crate) fn media_type(&self) -> Option<&str> {
+        self.media_type.as_deref()
     }
 
-    pub fn path_of(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.encoded();
-        self.root.join(digest.algorithm()).join(&hex[..2]).join(hex)
+    /// The bytes `[start, end)` of the file.
+    pub(crate) fn body(self, start: u64, end: u64) -> FileBody {
+        FileBody::committed(self.file, start, end)
+    }
+}
+
+/// What the cache has for a digest.
+pub(crate) enum Lookup {
+    Hit(Hit),
+    /// Nobody is fetching it: the caller leads the fill.
+    Miss(Miss),
+    /// Someone is fetching it already.
+    Follow(Follow),
+}
+
+impl ContentCache {
+    /// Runs blocking work (file or sled I/O) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, CacheError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| CacheError::Io(std::io::Error::other(format!("blocking task: {e}"))))
     }
 
-    /// Opens a committed file, if there is one.
-    pub fn open_file(&self, digest: &Digest) -> Option<(File, u64)> {
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// The committed file for `digest`, opened. `manifest` asks for the
+    /// media type too.
+    pub(crate) async fn hit(&self, digest: &Digest, manifest: bool) -> Option<Hit> {
         if !Store::cacheable(digest) {
             return None;
         }
-        let f = File::open(self.path_of(digest)).ok()?;
-        let len = f.metadata().ok()?.len();
-        Some((f, len))
-    }
-
-    pub fn contains(&self, digest: &Digest) -> bool {
-        Store::cacheable(digest) && self.path_of(digest).is_file()
-    }
-
-    /// Starts writing `digest`'s content to a temp file.
-    pub fn writer(self: &Arc<Self>, digest: &Digest) -> Result<Writer, CacheError> {
-        self.new_writer(Some(digest.clone()))
-    }
-
-    /// A writer for content whose digest is known only at the end (a blob
-    /// upload passing through): commit it with [`Writer::commit_as`].
-    pub fn upload_writer(self: &Arc<Self>) -> Result<Writer, CacheError> {
-        self.new_writer(None)
-    }
-
-    fn new_writer(self: &Arc<Self>, digest: Option<Digest>) -> Result<Writer, CacheError> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let stem = digest.as_ref().map_or("upload", |d| d.encoded());
-        let path = self.tmp.join(format!("{stem}-{}-{n}", std::process::id()));
-        let file = File::create(&path)?;
-        Ok(Writer {
-            store: self.clone(),
-            digest,
-            path,
-            file: Some(file),
-            hasher: Sha256::new(),
-            written: 0,
+        let (store, d) = (self.store.clone(), digest.clone());
+        let (file, len) = Self::blocking(move || store.open_file(&d)).await.ok()??;
+        let media_type = if manifest {
+            self.media_type(digest).await
+        } else {
+            None
+        };
+        Some(Hit {
+            file: Arc::new(file),
+            len,
+            media_type,
         })
     }
 
-    /// Removes a committed file (eviction, a failed verify); `Ok(false)`
-    /// when it was already gone. Open readers keep their inode.
-    pub fn remove(&self, digest: &Digest) -> Result<bool, CacheError> {
-        match std::fs::remove_file(self.path_of(digest)) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.into()),
+    async fn media_type(&self, digest: &Digest) -> Option<String> {
+        if let Some(m) = self.media_types.get(digest) {
+            return Some(m.to_string());
         }
+        // Cached before this process started: read once, then remembered.
+        let (index, d) = (self.index.clone(), digest.clone());
+        let entry = Self::blocking(move || index.cache_entries().get(&d))
+            .await
+            .ok()?;
+        let m = entry.ok().flatten()?.media_type?;
+        self.media_types
+            .insert(digest.clone(), Arc::from(m.as_str()));
+        Some(m)
     }
 
-    /// Every committed digest with its size (for `cache verify`, and for
-    /// rebuilding entries that the index lost).
-    pub fn list(&self) -> Result<Vec<(Digest, u64)>, CacheError> {
-        let mut out = Vec::new();
-        let base = self.root.join("sha256");
-        for shard in std::fs::read_dir(&base)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue;
+    /// A hit, or the lead of a fill, or a fill to follow.
+    pub(crate) async fn lookup(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+        cred: CredKey,
+        manifest: bool,
+    ) -> Lookup {
+        if let Some(hit) = self.hit(digest, manifest).await {
+            return Lookup::Hit(hit);
+        }
+        match self.fills.claim(digest, repo, cred) {
+            Claim::Lead(lead) => {
+                crate::metrics::inc(&self.metrics.cache_misses);
+                Lookup::Miss(Miss::new(lead, self.clone(), repo.clone()))
             }
-            for f in std::fs::read_dir(shard.path())? {
-                let f = f?;
-                let name = f.file_name();
-                let Some(name) = name.to_str() else { continue };
-                if let Ok(d) = format!("sha256:{name}").parse::<Digest>() {
-                    out.push((d, f.metadata()?.len()));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Re-hashes a committed file; `Ok(false)` when it no longer matches.
-    pub fn verify(&self, digest: &Digest) -> Result<bool, CacheError> {
-        let mut f = File::open(self.path_of(digest))?;
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h)?;
-        Ok(hex::encode(h.finalize()) == digest.encoded())
-    }
-}
-
-/// A temp file being filled. Dropping it without [`Writer::commit`] means
-/// the write failed: the temp file is deleted.
-pub struct Writer {
-    store: Arc<Store>,
-    digest: Option<Digest>,
-    path: PathBuf,
-    file: Option<File>,
-    hasher: Sha256,
-    written: u64,
-}
-
-impl Writer {
-    /// The temp file's path, for readers that follow a fill in progress.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    pub fn write(&mut self, chunk: &[u8]) -> Result<(), CacheError> {
-        let f = self.file.as_mut().expect("writer used after commit");
-        f.write_all(chunk)?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
-    }
-
-    /// Verifies the digest, fsyncs, and renames into place. On a mismatch
-    /// nothing becomes visible.
-    pub fn commit(self) -> Result<u64, CacheError> {
-        let digest = self
-            .digest
-            .clone()
-            .expect("commit needs the digest given at creation");
-        self.commit_as(&digest)
-    }
-
-    /// Like [`Writer::commit`], for a digest learnt at the end.
-    pub fn commit_as(mut self, digest: &Digest) -> Result<u64, CacheError> {
-        let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        if !Store::cacheable(digest) || actual != digest.encoded() {
-            return Err(CacheError::DigestMismatch {
-                expected: digest.to_string(),
-                actual: format!("sha256:{actual}"),
-            });
-        }
-        let file = self.file.take().expect("writer committed twice");
-        file.sync_all()?;
-        drop(file);
-        let dest = self.store.path_of(digest);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::rename(&self.path, &dest)?;
-        // The rename is durable only once the directory entry is.
-        if let Some(parent) = dest.parent() {
-            if let Ok(dir) = File::open(parent) {
-                let _ = dir.sync_all();
+            Claim::Follow(fill) => {
+                crate::metrics::inc(&self.metrics.coalesced_waiters);
+                Lookup::Follow(Follow::new(fill))
             }
         }
-        Ok(self.written)
     }
-}
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.path);
+    /// Records that the upstream confirmed `repo` holds `digest` (a cached
+    /// copy may then be served to clients allowed on `repo`).
+    pub(crate) async fn mark_present(&self, repo: &RepoName, digest: &Digest) {
+        let (index, r, d) = (self.index.clone(), repo.clone(), digest.clone());
+        // The index logs and counts a failed write; only a lost task is ours.
+        if let Err(e) = Self::blocking(move || index.present().mark(&r, &d)).await {
+            tracing::error!(error = %e, "recording presence failed");
         }
     }
+
+    /// Records that the upstream deleted `digest` from `repo`: the cached
+    /// bytes may stay (other repositories can hold them), but clients of
+    /// `repo` are no longer served them without asking.
+    pub(crate) async fn forget_present(&self, repo: &RepoName, digest: &Digest) {
+        let (index, r, d) = (self.index.clone(), repo.clone(), digest.clone());
+        // The index logs and counts a failed write; only a lost task is ours.
+        if let Err(e) = Self::blocking(move || index.present().forget(&r, &d)).await {
+            tracing::error!(error = %e, "forgetting presence failed");
+        }
+    }
+
+    /// Notes a read for LRU without writing to sled now.
+    pub(crate) fn touch(&self, digest: &Digest) {
+        let now = self.clock.now_millis();
+        self.touched
+            .lock()
+            .expect("touch map poisoned")
+            .insert(digest.clone(), now);
+    }
+
+    /// Starts teeing a chunked upload the upstream accepted as `id`.
+    pub(crate) fn begin_upload(&self, id: &str) {
+        self.uploads.begin(&self.store, &self.clock, &self.cfg, id);
+    }
+
+    /// A single-request upload's session (not kept by id).
+    pub(crate) fn upload_session(&self) -> Arc<Session> {
+        Session::new(&self.store, &self.clock)
+    }
+
+    /// The session of upload `id`; `end` takes it out (the request that
+    /// completes or cancels the upload).
+    pub(crate) fn upload(&self, id: &str, end: bool) -> Option<Arc<Session>> {
+        if end {
+            self.uploads.end(id)
+        } else {
+            self.uploads.get(id)
+        }
+    }
+
+    /// Upload sessions being teed now (a gauge for `/metrics`).
+    pub fn upload_sessions(&self) -> u64 {
+        self.uploads.len() as u64
+    }
+
+    /// Upload tees dropped for `cache.max_upload_sessions` or
+    /// `cache.upload_session_ttl` (a counter for `/metrics`).
+    pub fn upload_sessions_dropped(&self) -> u64 {
+        self.uploads.dropped()
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_becomes_visible_only_when_it_matches_its_digest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let d = Digest::sha256_of(b"hello world");
-        let mut w = store.writer(&d).expect("writer");
-        w.write(b"hello ").expect("write");
-        assert!(!store.contains(&d));
-        w.write(b"world").expect("write");
-        assert_eq!(w.commit().expect("commit"), 11);
-        let (_, len) = store.open_file(&d).expect("visible");
-        assert_eq!(len, 11);
-        assert!(store.verify(&d).expect("verify"));
-
-        let bad = Digest::sha256_of(b"other");
-        let mut w = store.writer(&bad).expect("writer");
-        let tmp = w.path().to_path_buf();
-        w.write(b"not other").expect("write");
-        assert!(matches!(w.commit(), Err(CacheError::DigestMismatch { .. })));
-        assert!(!store.contains(&bad));
-        assert!(!tmp.exists(), "temp file left behind");
-    }
-
-    #[test]
-    fn leftover_temp_files_are_removed_at_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let d = Digest::sha256_of(b"x");
-        let w = store.writer(&d).expect("writer");
-        let tmp = w.path().to_path_buf();
-        std::mem::forget(w);
-        assert!(tmp.exists());
-        drop(store);
-        let _store = Store::open(dir.path()).expect("reopen");
-        assert!(!tmp.exists());
-    }
+fn index_err(e: crate::index::IndexError) -> CacheError {
+    CacheError::Io(std::io::Error::other(e.to_string()))
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 
-use super::{content, passthrough, Outcome, Proxy};
+use super::{passthrough, pull, Outcome, Proxy};
 use crate::access::Kind;
 use crate::body::{self, Body, CollectError};
 use crate::error::Error;
@@ -41,8 +41,8 @@ pub(crate) async fn handle(
                 }
             };
             let accepted = resp.status().is_success();
-            if accepted {
-                referrers.index().present().forget(&name, &digest);
+            if let Some(cache) = proxy.cache.as_ref().filter(|_| accepted) {
+                cache.forget_present(&name, &digest).await;
             }
             referrers
                 .after_delete(&name, &digest, accepted, auth.as_ref())
@@ -50,10 +50,10 @@ pub(crate) async fn handle(
             Ok(resp)
         }
         (Method::GET | Method::HEAD, Reference::Digest(d)) => {
-            content::by_digest(proxy, Kind::Manifest, name, d, req, client, outcome).await
+            pull::by_digest(proxy, Kind::Manifest, name, d, req, client, outcome).await
         }
         (Method::GET | Method::HEAD, Reference::Tag(t)) => {
-            content::by_tag(proxy, name, t, req, client, outcome).await
+            pull::by_tag(proxy, name, t, req, client, outcome).await
         }
         _ => passthrough::forward(proxy, req, client, outcome).await,
     }
@@ -212,11 +212,7 @@ impl Push<'_> {
                 // Write-through: a CI job that pushes then pulls never goes
                 // upstream for these bytes.
                 let digest = Digest::sha256_of(&self.bytes);
-                self.proxy
-                    .referrers
-                    .index()
-                    .present()
-                    .mark(&self.name, &digest);
+                cache.mark_present(&self.name, &digest).await;
                 cache
                     .store_bytes(&digest, self.bytes, self.content_type)
                     .await;

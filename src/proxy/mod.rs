@@ -3,11 +3,12 @@
 //! the access log, caps, panic catching, timeouts) is the server's layer
 //! stack around [`Proxy::handle`], in `server/stack.rs`.
 
-mod content;
 mod health;
 mod manifest;
 mod passthrough;
+mod pull;
 mod referrers;
+mod serve;
 mod upload;
 
 use std::net::SocketAddr;
@@ -85,6 +86,7 @@ impl Proxy {
                 index.clone(),
                 metrics.clone(),
                 config.cache.clone(),
+                config.clock.clone(),
             )?)
         } else {
             None
@@ -99,6 +101,9 @@ impl Proxy {
         ));
         let server_stats = Arc::<ServerStats>::default();
         register_owned_metrics(&metrics, &index, &access, &server_stats);
+        if let Some(cache) = &cache {
+            register_cache_metrics(&metrics, cache);
+        }
         Ok(Proxy {
             access,
             config: Arc::new(config),
@@ -188,14 +193,13 @@ impl Proxy {
             Route::Metrics => Ok(self.render_metrics()),
             Route::Blob { name, digest } => match req.method().clone() {
                 Method::GET | Method::HEAD => {
-                    content::by_digest(self, Kind::Blob, name, digest, req, client, outcome).await
+                    pull::by_digest(self, Kind::Blob, name, digest, req, client, outcome).await
                 }
                 Method::DELETE => {
                     let resp = passthrough::forward(self, req, client, outcome).await?;
-                    if resp.status().is_success() {
-                        // The cached bytes may stay (other repositories can
-                        // hold them); this repository no longer does.
-                        self.referrers.index().present().forget(&name, &digest);
+                    if let Some(cache) = self.cache.as_ref().filter(|_| resp.status().is_success())
+                    {
+                        cache.forget_present(&name, &digest).await;
                     }
                     Ok(resp)
                 }
@@ -259,11 +263,13 @@ fn register_owned_metrics(
         "Index entries pruned by age or count.",
         move || i.pruned(),
     );
-    let a = access.clone();
+    // Weak: the access cache and the content cache hold the metrics, so a
+    // strong reference back would keep both (and the index) alive forever.
+    let a = Arc::downgrade(access);
     metrics.register_gauge_fn(
         "graft_auth_remembered_entries",
         "(credentials, repository) authorizations remembered in memory.",
-        move || a.remembered(),
+        move || a.upgrade().map_or(0, |a| a.remembered()),
     );
     let s = server.clone();
     metrics.register_counter_fn(
@@ -282,5 +288,22 @@ fn register_owned_metrics(
         "graft_open_connections",
         "Client connections open now.",
         move || s.open_connections(),
+    );
+}
+
+/// The cache's own counts, read at scrape time.
+fn register_cache_metrics(metrics: &Metrics, cache: &Arc<ContentCache>) {
+    // Weak, as in `register_owned_metrics`: the cache holds the metrics.
+    let c = Arc::downgrade(cache);
+    metrics.register_gauge_fn(
+        "graft_cache_upload_sessions",
+        "Blob uploads being teed into the cache now.",
+        move || c.upgrade().map_or(0, |c| c.upload_sessions()),
+    );
+    let c = Arc::downgrade(cache);
+    metrics.register_counter_fn(
+        "graft_cache_upload_sessions_dropped",
+        "Upload tees dropped at cache.max_upload_sessions or cache.upload_session_ttl.",
+        move || c.upgrade().map_or(0, |c| c.upload_sessions_dropped()),
     );
 }

@@ -7,7 +7,9 @@ use http::{Method, Request, Response, StatusCode};
 
 use super::{passthrough, Outcome, Proxy};
 use crate::body::{self, Body};
-use crate::cache::{ContentCache, Session, SharedSession, Tee};
+use std::sync::Arc;
+
+use crate::cache::{ContentCache, Session, Tee};
 use crate::error::Error;
 use crate::oci::{query, Digest, RepoName};
 use crate::upstream::ClientSide;
@@ -33,16 +35,16 @@ pub(crate) async fn start(
     }
     if let Some(digest) = query.digest {
         // Monolithic: the whole blob is this request's body.
-        let session = Session::new(&cache.store);
+        let session = cache.upload_session();
         let req = tee(req, &session);
         let resp = passthrough::forward(proxy, req, client, outcome).await?;
-        finish(proxy, cache, &name, &digest, &session, resp.status()).await;
+        finish(cache, &name, &digest, &session, resp.status()).await;
         return Ok(resp);
     }
     let resp = passthrough::forward(proxy, req, client, outcome).await?;
     if resp.status() == StatusCode::ACCEPTED {
         if let Some(id) = upload_id(&resp) {
-            cache.uploads.begin(&cache.store, &id);
+            cache.begin_upload(&id);
         }
     }
     Ok(resp)
@@ -62,63 +64,53 @@ pub(crate) async fn continue_upload(
     };
     let method = req.method().clone();
     let session = match method {
-        Method::PATCH => cache.uploads.get(&id),
-        Method::PUT | Method::DELETE => cache.uploads.end(&id),
+        Method::PATCH => cache.upload(&id, false),
+        Method::PUT | Method::DELETE => cache.upload(&id, true),
         _ => None,
     };
     let Some(session) = session else {
         return passthrough::forward(proxy, req, client, outcome).await;
     };
     if method == Method::DELETE {
+        session.give_up();
         return passthrough::forward(proxy, req, client, outcome).await;
     }
     // A chunk must continue exactly where the tee stands.
     if let Some(start) = range_start(&req) {
-        let mut s = session.lock().expect("upload session poisoned");
-        if s.offset() != Some(start) {
-            s.give_up();
+        if session.offset() != Some(start) {
+            session.give_up();
         }
     }
     let digest = Query::of(&req).digest;
     let req = tee(req, &session);
     let resp = passthrough::forward(proxy, req, client, outcome).await?;
     match (method, digest) {
-        (Method::PATCH, _) if resp.status() != StatusCode::ACCEPTED => {
-            session.lock().expect("upload session poisoned").give_up();
-        }
-        (Method::PUT, Some(digest)) => {
-            finish(proxy, cache, &name, &digest, &session, resp.status()).await
-        }
+        (Method::PATCH, _) if resp.status() != StatusCode::ACCEPTED => session.give_up(),
+        (Method::PUT, Some(digest)) => finish(cache, &name, &digest, &session, resp.status()).await,
+        (Method::PUT, None) => session.give_up(),
         _ => {}
     }
     Ok(resp)
 }
 
-fn tee(req: Request<Body>, session: &SharedSession) -> Request<Body> {
+fn tee(req: Request<Body>, session: &Arc<Session>) -> Request<Body> {
     let session = session.clone();
     req.map(|b| body::boxed(Tee::new(b, session)))
 }
 
 /// The upstream answered the request that completes an upload.
 async fn finish(
-    proxy: &Proxy,
-    cache: &std::sync::Arc<ContentCache>,
+    cache: &Arc<ContentCache>,
     name: &RepoName,
     digest: &Digest,
-    session: &SharedSession,
+    session: &Session,
     status: StatusCode,
 ) {
-    let writer = session
-        .lock()
-        .expect("upload session poisoned")
-        .take_writer();
-    if status != StatusCode::CREATED {
-        return;
+    let accepted = status == StatusCode::CREATED;
+    if accepted {
+        cache.mark_present(name, digest).await;
     }
-    proxy.referrers.index().present().mark(name, digest);
-    if let Some(w) = writer {
-        cache.commit_upload(w, digest).await;
-    }
+    session.finish(cache, digest, accepted).await;
 }
 
 /// The upload session id: the last path segment of `Location`.

@@ -21,6 +21,9 @@ pub enum Fault {
     FlipByteAt(u64),
     /// Close the connection after this many response bytes.
     CutAfter(u64),
+    /// Send this many response bytes, then nothing (the connection stays
+    /// open) until the fault is changed; then close it.
+    StallAfter(u64),
 }
 
 pub struct Shim {
@@ -132,6 +135,16 @@ async fn relay(client: TcpStream, upstream: SocketAddr, faults: Arc<Mutex<Fault>
                 if sent + n as u64 > limit {
                     let keep = (limit - sent.min(limit)) as usize;
                     let _ = cw.write_all(&chunk[..keep]).await;
+                    break;
+                }
+            }
+            Fault::StallAfter(limit) => {
+                if sent + n as u64 > limit {
+                    let keep = (limit - sent.min(limit)) as usize;
+                    let _ = cw.write_all(&chunk[..keep]).await;
+                    while *faults.lock().expect("fault") == fault {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                     break;
                 }
             }

@@ -1,25 +1,20 @@
-//! The cache as the proxy uses it: the store, the fills in flight, the
-//! entries in the index, the byte budget and least-recently-used eviction.
+//! The cache's records and budget: an entry per committed file in the
+//! index (size, media type, last access), the byte count, least recently
+//! used eviction, and the operator's views (`stats`, `verify`, `gc`).
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::fill::{Claim, OnCommit};
-use super::{CacheError, Fills, Store, Uploads, Writer};
+use super::{
+    index_err, store::Writer, CacheError, ContentCache, Fills, Store, Uploads, MEDIA_TYPES,
+};
+use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::index::{CacheEntry, Index};
 use crate::metrics::{self, Metrics};
 use crate::oci::Digest;
-
-/// A committed file ready to serve.
-pub struct Hit {
-    pub file: Arc<File>,
-    pub len: u64,
-    pub media_type: Option<String>,
-}
 
 /// What [`ContentCache::verify_each`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -53,32 +48,6 @@ pub struct CacheStats {
     pub newest_access_ms: Option<u64>,
 }
 
-pub struct ContentCache {
-    pub store: Arc<Store>,
-    pub fills: Arc<Fills>,
-    pub uploads: Uploads,
-    index: Index,
-    metrics: Arc<Metrics>,
-    cfg: CacheConfig,
-    /// Last-access times not yet written to the index: the hit path only
-    /// touches this map; a background task writes it in batches.
-    touched: Mutex<HashMap<Digest, u64>>,
-    /// One eviction pass at a time: concurrent passes would pick the same
-    /// victims and count their bytes twice.
-    evicting: Mutex<()>,
-}
-
-pub fn now_secs() -> u64 {
-    now_millis() / 1000
-}
-
-pub fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 impl ContentCache {
     /// Opens the store and reconciles it with the index: files committed
     /// just before a crash get an entry, entries whose file is gone are
@@ -88,6 +57,7 @@ impl ContentCache {
         index: Index,
         metrics: Arc<Metrics>,
         cfg: CacheConfig,
+        clock: Clock,
     ) -> Result<Arc<ContentCache>, CacheError> {
         let store = Store::open(data_dir)?;
         let cache = ContentCache {
@@ -97,8 +67,10 @@ impl ContentCache {
             index,
             metrics,
             cfg,
+            clock,
+            media_types: moka::sync::Cache::new(MEDIA_TYPES),
             touched: Mutex::new(HashMap::new()),
-            evicting: Mutex::new(()),
+            evicting: AtomicBool::new(false),
         };
         cache.reconcile()?;
         Ok(Arc::new(cache))
@@ -120,7 +92,7 @@ impl ContentCache {
                 let e = CacheEntry {
                     size: *size,
                     media_type: self.sniff_media_type(d, *size),
-                    last_access_ms: now_millis(),
+                    last_access_ms: self.clock.now_millis(),
                 };
                 self.index.cache_entries().put(d, &e).map_err(index_err)?;
             }
@@ -144,65 +116,27 @@ impl ContentCache {
         serde_json::from_slice::<Head>(&bytes).ok()?.media_type
     }
 
-    pub fn config(&self) -> &CacheConfig {
-        &self.cfg
+    /// A fill committed `len` bytes of `digest`.
+    pub(super) fn filled(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) {
+        self.record(digest, len, media_type);
+        metrics::add(&self.metrics.upstream_bytes_fetched, len);
     }
 
-    /// A committed file for `digest`, opened (so eviction cannot take it
-    /// from under the reader).
-    /// `with_media_type` reads the recorded media type (manifests need it;
-    /// blob hits skip the index read).
-    pub fn hit(&self, digest: &Digest, with_media_type: bool) -> Option<Hit> {
-        let (file, len) = self.store.open_file(digest)?;
-        let media_type = if with_media_type {
-            self.index
-                .cache_entries()
-                .get(digest)
-                .ok()
-                .flatten()
-                .and_then(|e| e.media_type)
-        } else {
-            None
-        };
-        Some(Hit {
-            file: Arc::new(file),
-            len,
-            media_type,
-        })
+    /// A fill failed: nothing was cached.
+    pub(super) fn fill_failed(&self) {
+        metrics::inc(&self.metrics.cache_fills_failed);
     }
 
-    /// Notes a read for LRU without writing to sled now.
-    pub fn touch(&self, digest: &Digest) {
-        self.touched
-            .lock()
-            .expect("touch map poisoned")
-            .insert(digest.clone(), now_millis());
-    }
-
-    pub fn claim(&self, digest: &Digest, repo: &str, cred: [u8; 32]) -> Claim {
-        self.fills.claim(digest, repo, cred)
-    }
-
-    /// What to do when a fill commits: record the entry, count the bytes,
-    /// and evict if the budget is exceeded.
-    pub fn on_commit(self: &Arc<Self>) -> OnCommit {
-        let me = self.clone();
-        Box::new(
-            move |digest: &Digest, done: Option<(u64, Option<&str>)>| match done {
-                Some((len, media_type)) => {
-                    me.record(digest, len, media_type);
-                    metrics::add(&me.metrics.upstream_bytes_fetched, len);
-                }
-                None => metrics::inc(&me.metrics.cache_fills_failed),
-            },
-        )
-    }
-
+    /// Blocking (a sled write): called on the blocking pool or from a fill
+    /// task.
     fn record(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) {
+        if let Some(m) = media_type {
+            self.media_types.insert(digest.clone(), Arc::from(m));
+        }
         let e = CacheEntry {
             size: len,
             media_type: media_type.map(str::to_string),
-            last_access_ms: now_millis(),
+            last_access_ms: self.clock.now_millis(),
         };
         match self.index.cache_entries().put(digest, &e) {
             Ok(true) => {}
@@ -217,18 +151,21 @@ impl ContentCache {
 
     /// Stores content graft already holds whole (a manifest that was
     /// pushed, a verified upload), when it matches `digest`.
-    pub async fn store_bytes(
+    pub(crate) async fn store_bytes(
         self: &Arc<Self>,
         digest: &Digest,
         bytes: bytes::Bytes,
         media_type: Option<String>,
     ) {
-        if !Store::cacheable(digest) || self.store.contains(digest) {
+        if !Store::cacheable(digest) {
             return;
         }
         let me = self.clone();
         let d = digest.clone();
         let result = tokio::task::spawn_blocking(move || {
+            if me.store.contains(&d) {
+                return Ok(());
+            }
             let mut w = me.store.writer(&d)?;
             w.write(&bytes)?;
             let n = w.commit()?;
@@ -244,13 +181,13 @@ impl ContentCache {
     }
 
     /// Commits a teed upload once the upstream accepted it as `digest`.
-    pub async fn commit_upload(self: &Arc<Self>, writer: Writer, digest: &Digest) {
-        if self.store.contains(digest) {
-            return;
-        }
+    pub(super) async fn commit_upload(self: &Arc<Self>, writer: Writer, digest: &Digest) {
         let me = self.clone();
         let d = digest.clone();
         let result = tokio::task::spawn_blocking(move || {
+            if me.store.contains(&d) {
+                return Ok(0);
+            }
             let n = writer.commit_as(&d)?;
             me.record(&d, n, None);
             Ok::<_, CacheError>(n)
@@ -271,6 +208,7 @@ impl ContentCache {
             .expect("touch map poisoned")
             .drain()
             .collect();
+        // Best effort: the index logs and counts a failed write itself.
         self.index.cache_entries().touch(&batch);
     }
 
@@ -279,7 +217,10 @@ impl ContentCache {
     /// commit). Returns the number of files removed.
     pub fn evict(&self) -> usize {
         let budget = self.cfg.max_bytes;
-        let _pass = self.evicting.lock().expect("eviction lock poisoned");
+        // A pass already running brings the cache within budget.
+        let Some(_pass) = self.eviction_pass() else {
+            return 0;
+        };
         if self.metrics.cache_bytes.load(Ordering::Relaxed) <= budget {
             return 0;
         }
@@ -296,11 +237,24 @@ impl ContentCache {
     /// `max_bytes` (no hysteresis: `graft cache gc` is asked for a number),
     /// and returns what it removed, oldest access first.
     pub fn gc(&self, max_bytes: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
-        let _pass = self.evicting.lock().expect("eviction lock poisoned");
+        let _pass = loop {
+            match self.eviction_pass() {
+                Some(pass) => break pass,
+                None => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        };
         self.evict_to(max_bytes)
     }
 
-    /// The eviction pass itself; the caller holds `evicting`.
+    /// The right to run the eviction pass, if no other pass runs.
+    fn eviction_pass(&self) -> Option<Pass<'_>> {
+        self.evicting
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Pass(&self.evicting))
+    }
+
+    /// The eviction pass itself; the caller holds a [`Pass`].
     fn evict_to(&self, target: u64) -> Result<Vec<(Digest, CacheEntry)>, CacheError> {
         // Reads not yet written to the index would otherwise look old.
         self.flush_touches();
@@ -428,22 +382,24 @@ impl Drop for ContentCache {
         if batch.is_empty() {
             return;
         }
+        // Best effort: the index logs and counts a failed write itself.
         self.index.cache_entries().touch(&batch);
     }
 }
 
-fn index_err(e: crate::index::IndexError) -> CacheError {
-    CacheError::Io(std::io::Error::other(e.to_string()))
-}
-
-/// Runs the cache's upkeep until the process ends: batched access times and
-/// eviction.
+/// Runs the cache's upkeep — batched access times and eviction — until
+/// `shutdown` turns `true` or its sender is dropped.
 pub async fn upkeep(cache: Arc<ContentCache>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.wait_for(|&stop| stop) => return,
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return;
+                }
+                continue;
+            }
         }
         let c = cache.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -454,6 +410,15 @@ pub async fn upkeep(cache: Arc<ContentCache>, mut shutdown: tokio::sync::watch::
     }
 }
 
+/// The one eviction pass running; ends when dropped.
+struct Pass<'a>(&'a AtomicBool);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,14 +426,16 @@ mod tests {
     const KIB: usize = 1024;
 
     /// A cache in a fresh directory with a budget too large to evict on
-    /// its own, and the index it records into.
+    /// its own, and the index it records into. Its clock is skewable: tests
+    /// move time instead of sleeping.
     fn open_cache(dir: &std::path::Path) -> (Arc<ContentCache>, Index) {
         let index = Index::open(&dir.join("index")).expect("index");
         let cfg = CacheConfig {
             max_bytes: 1 << 30,
             ..crate::Config::default().cache
         };
-        let cache = ContentCache::open(dir, index.clone(), Arc::default(), cfg).expect("cache");
+        let cache = ContentCache::open(dir, index.clone(), Arc::default(), cfg, Clock::skewable())
+            .expect("cache");
         (cache, index)
     }
 
@@ -481,7 +448,7 @@ mod tests {
             let d = Digest::sha256_of(&bytes);
             cache.store_bytes(&d, bytes, None).await;
             out.push(d);
-            std::thread::sleep(std::time::Duration::from_millis(3));
+            cache.clock.advance(std::time::Duration::from_millis(3));
         }
         out
     }
@@ -568,7 +535,7 @@ mod tests {
             .get(&d[0])
             .expect("read")
             .expect("entry");
-        std::thread::sleep(std::time::Duration::from_millis(3));
+        cache.clock.advance(std::time::Duration::from_millis(3));
         cache.touch(&d[0]);
         drop(cache);
         let after = index

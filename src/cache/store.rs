@@ -1,0 +1,248 @@
+//! The content-addressed store on disk: the only code that writes cache
+//! files.
+//!
+//! Layout under the data directory: `blobs/sha256/<aa>/<hex>` for content,
+//! `blobs/tmp/` for fills in progress. A file becomes visible under its
+//! digest only after its bytes were hashed, matched, fsynced and renamed;
+//! `tmp/` is emptied at startup, so no partial file survives a restart.
+//! Every method here does blocking file I/O: callers on the async workers
+//! go through `spawn_blocking`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use super::CacheError;
+use crate::oci::Digest;
+
+/// The store on disk.
+pub(crate) struct Store {
+    root: PathBuf,
+    tmp: PathBuf,
+    seq: AtomicU64,
+}
+
+impl Store {
+    /// Opens the store under `data_dir`, removing leftovers of interrupted
+    /// fills.
+    pub(crate) fn open(data_dir: &Path) -> Result<Arc<Store>, CacheError> {
+        let root = data_dir.join("blobs");
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        std::fs::create_dir_all(root.join("sha256"))?;
+        Ok(Arc::new(Store {
+            root,
+            tmp,
+            seq: AtomicU64::new(0),
+        }))
+    }
+
+    /// Only sha256 content is cached; other algorithms pass through.
+    pub(crate) fn cacheable(digest: &Digest) -> bool {
+        digest.algorithm() == "sha256"
+    }
+
+    pub(crate) fn path_of(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.encoded();
+        self.root.join(digest.algorithm()).join(&hex[..2]).join(hex)
+    }
+
+    /// Opens a committed file, if there is one.
+    pub(crate) fn open_file(&self, digest: &Digest) -> Option<(File, u64)> {
+        if !Store::cacheable(digest) {
+            return None;
+        }
+        let f = File::open(self.path_of(digest)).ok()?;
+        let len = f.metadata().ok()?.len();
+        Some((f, len))
+    }
+
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        Store::cacheable(digest) && self.path_of(digest).is_file()
+    }
+
+    /// Starts writing `digest`'s content to a temp file.
+    pub(crate) fn writer(self: &Arc<Self>, digest: &Digest) -> Result<Writer, CacheError> {
+        self.new_writer(Some(digest.clone()))
+    }
+
+    /// A writer for content whose digest is known only at the end (a blob
+    /// upload passing through): commit it with [`Writer::commit_as`].
+    pub(crate) fn upload_writer(self: &Arc<Self>) -> Result<Writer, CacheError> {
+        self.new_writer(None)
+    }
+
+    fn new_writer(self: &Arc<Self>, digest: Option<Digest>) -> Result<Writer, CacheError> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let stem = digest.as_ref().map_or("upload", |d| d.encoded());
+        let path = self.tmp.join(format!("{stem}-{}-{n}", std::process::id()));
+        let file = File::create(&path)?;
+        Ok(Writer {
+            store: self.clone(),
+            digest,
+            path,
+            file: Some(file),
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Removes a committed file (eviction, a failed verify); `Ok(false)`
+    /// when it was already gone. Open readers keep their inode.
+    pub(crate) fn remove(&self, digest: &Digest) -> Result<bool, CacheError> {
+        match std::fs::remove_file(self.path_of(digest)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every committed digest with its size (for `cache verify`, and for
+    /// rebuilding entries that the index lost).
+    pub(crate) fn list(&self) -> Result<Vec<(Digest, u64)>, CacheError> {
+        let mut out = Vec::new();
+        let base = self.root.join("sha256");
+        for shard in std::fs::read_dir(&base)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(shard.path())? {
+                let f = f?;
+                let name = f.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if let Ok(d) = format!("sha256:{name}").parse::<Digest>() {
+                    out.push((d, f.metadata()?.len()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-hashes a committed file; `Ok(false)` when it no longer matches.
+    pub(crate) fn verify(&self, digest: &Digest) -> Result<bool, CacheError> {
+        let mut f = File::open(self.path_of(digest))?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(hex::encode(h.finalize()) == digest.encoded())
+    }
+}
+
+/// A temp file being filled. Dropping it without [`Writer::commit`] means
+/// the write failed: the temp file is deleted.
+pub(crate) struct Writer {
+    store: Arc<Store>,
+    digest: Option<Digest>,
+    path: PathBuf,
+    file: Option<File>,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl Writer {
+    /// The temp file's path, for readers that follow a fill in progress.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn write(&mut self, chunk: &[u8]) -> Result<(), CacheError> {
+        let f = self.file.as_mut().expect("writer used after commit");
+        f.write_all(chunk)?;
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Verifies the digest, fsyncs, and renames into place. On a mismatch
+    /// nothing becomes visible.
+    pub(crate) fn commit(self) -> Result<u64, CacheError> {
+        let digest = self
+            .digest
+            .clone()
+            .expect("commit needs the digest given at creation");
+        self.commit_as(&digest)
+    }
+
+    /// Like [`Writer::commit`], for a digest learnt at the end.
+    pub(crate) fn commit_as(mut self, digest: &Digest) -> Result<u64, CacheError> {
+        let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        if !Store::cacheable(digest) || actual != digest.encoded() {
+            return Err(CacheError::DigestMismatch {
+                expected: digest.to_string(),
+                actual: format!("sha256:{actual}"),
+            });
+        }
+        let file = self.file.take().expect("writer committed twice");
+        file.sync_all()?;
+        drop(file);
+        let dest = self.store.path_of(digest);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(&self.path, &dest)?;
+        // The rename is durable only once the directory entry is.
+        if let Some(parent) = dest.parent() {
+            if let Ok(dir) = File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(self.written)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_becomes_visible_only_when_it_matches_its_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let d = Digest::sha256_of(b"hello world");
+        let mut w = store.writer(&d).expect("writer");
+        w.write(b"hello ").expect("write");
+        assert!(!store.contains(&d));
+        w.write(b"world").expect("write");
+        assert_eq!(w.commit().expect("commit"), 11);
+        let (_, len) = store.open_file(&d).expect("visible");
+        assert_eq!(len, 11);
+        assert!(store.verify(&d).expect("verify"));
+
+        let bad = Digest::sha256_of(b"other");
+        let mut w = store.writer(&bad).expect("writer");
+        let tmp = w.path().to_path_buf();
+        w.write(b"not other").expect("write");
+        assert!(matches!(w.commit(), Err(CacheError::DigestMismatch { .. })));
+        assert!(!store.contains(&bad));
+        assert!(!tmp.exists(), "temp file left behind");
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let d = Digest::sha256_of(b"x");
+        let w = store.writer(&d).expect("writer");
+        let tmp = w.path().to_path_buf();
+        std::mem::forget(w);
+        assert!(tmp.exists());
+        drop(store);
+        let _store = Store::open(dir.path()).expect("reopen");
+        assert!(!tmp.exists());
+    }
+}
