@@ -203,7 +203,7 @@ impl AccessCache {
         }
         metrics::inc(&metrics.auth_checks);
         let path = kind.path(repo, digest.as_str());
-        let accept = [(header::ACCEPT, crate::referrers::ACCEPT_MANIFESTS)];
+        let accept = [(header::ACCEPT, crate::oci::media::ACCEPT_MANIFESTS)];
         let headers: &[(header::HeaderName, &str)] =
             if kind == Kind::Manifest { &accept } else { &[] };
         let outcome = self

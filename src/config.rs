@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::clock::Clock;
-use crate::index::TreeBounds;
 
 /// Everything `graft serve` needs, after defaults, file and overrides.
 #[derive(Clone, Debug)]
@@ -56,6 +55,9 @@ pub struct CacheConfig {
 /// (the oldest go first). Ages below what the cache needs are raised to it.
 #[derive(Clone, Debug)]
 pub struct IndexConfig {
+    /// sled's in-memory page cache: the index's share of graft's memory
+    /// (sled's own default, 1 GiB, would let it grow with every key).
+    pub cache_bytes: u64,
     /// How often the pruning pass runs.
     pub prune_interval: Duration,
     /// (repository, digest) pairs the upstream confirmed; at least `cache.max_stale`.
@@ -126,6 +128,20 @@ pub struct UpstreamConfig {
 
 /// What `Debug` prints in place of a secret.
 const REDACTED: &str = "<redacted>";
+
+impl UpstreamConfig {
+    /// graft's own `Authorization` for background work, from `username`
+    /// and `password` (marked sensitive, so it never reaches a log).
+    pub fn own_authorization(&self) -> Option<http::HeaderValue> {
+        use base64::Engine as _;
+        let user = self.username.as_deref()?;
+        let pass = self.password.as_deref().unwrap_or("");
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        let mut v = http::HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
 
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -225,6 +241,16 @@ pub struct ReferrersConfig {
 
 const DAY: u64 = 86_400;
 
+/// The default of `index.cache_bytes`.
+pub const DEFAULT_INDEX_CACHE_BYTES: u64 = 16 << 20;
+
+/// How long, and how many, entries of one index tree are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeBounds {
+    pub max_age: Duration,
+    pub max_entries: usize,
+}
+
 fn bounds(max_age_secs: u64, max_entries: usize) -> TreeBounds {
     TreeBounds {
         max_age: Duration::from_secs(max_age_secs),
@@ -282,6 +308,7 @@ impl Default for Config {
                 upload_session_ttl: Duration::from_secs(3600),
             },
             index: IndexConfig {
+                cache_bytes: DEFAULT_INDEX_CACHE_BYTES,
                 prune_interval: Duration::from_secs(600),
                 present: bounds(30 * DAY, 1_000_000),
                 access: bounds(DAY, 100_000),
@@ -477,6 +504,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("referrers.recent_checks_capacity", |c, v| {
         c.referrers.recent_checks_capacity = parse_size_value(v)? as u64;
+        Ok(())
+    }),
+    ("index.cache_bytes", |c, v| {
+        c.index.cache_bytes = parse_size_value(v)? as u64;
         Ok(())
     }),
     ("index.prune_interval", |c, v| {

@@ -56,7 +56,8 @@ impl CredentialKeys {
         })
     }
 
-    /// A key from a fixed secret (tests, benchmarks).
+    /// A key from a fixed secret.
+    #[cfg(test)]
     pub fn with_secret(secret: [u8; 32]) -> CredentialKeys {
         CredentialKeys {
             secret: Arc::new(secret),

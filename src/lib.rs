@@ -34,25 +34,25 @@
 //! - [`error`]: the one place errors become OCI error responses.
 //! - [`body`]: the one body type, and byte counting for the access log.
 
-pub mod access;
+pub(crate) mod access;
 pub mod admin;
-pub mod body;
+pub(crate) mod body;
 pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod credentials;
-pub mod error;
-pub mod failpoint;
+pub(crate) mod credentials;
+pub(crate) mod error;
+pub(crate) mod failpoint;
 pub mod index;
 pub mod metrics;
 pub mod oci;
-pub mod proxy;
-pub mod referrers;
-pub mod request_id;
-pub mod route;
-pub mod server;
-pub mod upstream;
+pub(crate) mod proxy;
+pub(crate) mod referrers;
+pub(crate) mod request_id;
+pub(crate) mod route;
+pub(crate) mod server;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -246,7 +246,7 @@ fn basic_auth(client: &GraftClientArgs) -> Result<Option<http::HeaderValue>, Str
                 password: password.map(|p| p.expose().to_string()),
                 ..graft::Config::default().upstream
             };
-            graft::proxy::own_credentials(&cfg)
+            cfg.own_authorization()
                 .map(Some)
                 .ok_or_else(|| "the credentials are not a valid header value".into())
         }

@@ -40,6 +40,28 @@ pub struct ServerStats {
 }
 
 impl ServerStats {
+    /// Exposes these counts on `/metrics`, read at scrape time.
+    fn register(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        let s = self.clone();
+        metrics.register_counter_fn(
+            "graft_requests_shed",
+            "Requests answered 503 at server.max_concurrent_requests.",
+            move || s.requests_shed(),
+        );
+        let s = self.clone();
+        metrics.register_counter_fn(
+            "graft_panics_caught",
+            "Handler panics answered with a 500.",
+            move || s.panics_caught(),
+        );
+        let s = self.clone();
+        metrics.register_gauge_fn(
+            "graft_open_connections",
+            "Client connections open now.",
+            move || s.open_connections(),
+        );
+    }
+
     /// Requests answered 503 because `server.max_concurrent_requests` were
     /// already in flight.
     pub fn requests_shed(&self) -> u64 {
@@ -74,11 +96,13 @@ pub async fn serve(
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout);
+    let stats = Arc::new(ServerStats::default());
+    stats.register(proxy.metrics());
     let shared = Arc::new(Shared {
         tls,
         http,
-        stats: proxy.server_stats().clone(),
-        stack: stack::build(proxy, cfg),
+        stats: stats.clone(),
+        stack: stack::build(proxy, stats, cfg),
         handshake_timeout: cfg.header_read_timeout,
     });
     // One permit per open connection: at the cap the loop waits for a

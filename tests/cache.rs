@@ -780,3 +780,39 @@ async fn past_the_upload_session_cap_the_oldest_tee_is_dropped_and_its_upload_st
         "the upload whose tee was dropped was not"
     );
 }
+
+#[tokio::test]
+async fn a_cache_that_cannot_write_streams_misses_uncached_instead_of_failing_them() {
+    let registry = Registry::start();
+    let data = random_bytes(256 * 1024);
+    let digest = Api::for_registry(&registry)
+        .push_blob("app", data.clone())
+        .await;
+    let graft = Graft::start(&registry);
+    let api = Api::for_graft(&graft);
+    // graft answers only once its cache is open.
+    expect_status(
+        Api::send(api.get("/healthz")).await,
+        StatusCode::OK,
+        "healthz",
+    )
+    .await;
+    // The temp-file directory becomes a plain file: every fill's temp file
+    // fails to be created, as on a full or broken disk (root ignores
+    // permission bits, so a read-only directory would not do).
+    let tmp = graft.data_dir().join("blobs/tmp");
+    std::fs::remove_dir_all(&tmp).expect("remove the temp dir");
+    std::fs::write(&tmp, b"not a directory").expect("block the temp dir");
+
+    for round in 1..=2 {
+        assert_eq!(
+            api.get_blob("app", &digest).await,
+            data,
+            "pull {round} streams the upstream's bytes"
+        );
+    }
+    settle(&registry).await;
+    assert_eq!(blob_gets(&registry, "app"), 2, "nothing was cached");
+    assert_eq!(cached_files(&graft), 0);
+    assert_eq!(metric(&api, "graft_cache_fills_failed_total").await, 2);
+}

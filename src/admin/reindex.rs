@@ -125,7 +125,7 @@ async fn reindex(
 ) -> Result<ReindexSummary, ReindexError> {
     let index = Index::open(&config.storage.data_dir.join("index"))?;
     let upstream = Upstream::new(&config.upstream)?;
-    let auth = crate::proxy::own_credentials(&config.upstream);
+    let auth = config.upstream.own_authorization();
     let referrers = Referrers::new(
         index,
         upstream.clone(),

@@ -31,8 +31,8 @@ use serde_json::Value;
 use super::cache::human_bytes;
 use super::{Outcome, Progress, Unit};
 use crate::config::Config;
+use crate::oci::media::ACCEPT_MANIFESTS;
 use crate::oci::{Descriptor, Digest, Reference, RepoName};
-use crate::referrers::ACCEPT_MANIFESTS;
 use crate::upstream::Upstream;
 
 /// Largest manifest or index read (graft itself accepts 4 MiB by default).

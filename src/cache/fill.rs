@@ -180,11 +180,16 @@ impl Miss {
     /// The upstream answered 200 with the content: the repository holds it;
     /// stream the body into the cache in a task of its own, and return what
     /// the leader's client reads.
+    ///
+    /// When the cache cannot take the content (no temp file: a full or
+    /// broken disk), the response comes back unread in [`Unfilled`], so the
+    /// caller can stream it to its client without caching: a cache in
+    /// trouble costs the hit rate, never the pull.
     pub(crate) async fn fill<B>(
         mut self,
         resp: http::Response<B>,
         body_timeout: Duration,
-    ) -> Result<Streaming, CacheError>
+    ) -> Result<Streaming, Unfilled<B>>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display,
@@ -198,12 +203,24 @@ impl Miss {
         let content_type = text(header::CONTENT_TYPE);
         self.cache.mark_present(&self.repo, &digest).await;
         let (store, d) = (self.cache.store.clone(), digest.clone());
-        let (writer, file) = ContentCache::blocking(move || {
+        let opened = ContentCache::blocking(move || {
             let w = store.writer(&d)?;
             let f = File::open(w.path())?;
             Ok::<_, CacheError>((w, f))
         })
-        .await??;
+        .await
+        .and_then(|r| r);
+        let (writer, file) = match opened {
+            Ok(wf) => wf,
+            Err(error) => {
+                // Dropping `self` without starting releases the followers.
+                self.cache.fill_failed();
+                return Err(Unfilled {
+                    error,
+                    response: resp,
+                });
+            }
+        };
         let opened = Opened {
             file: Arc::new(file),
             len,
@@ -222,6 +239,18 @@ impl Miss {
         };
         tokio::spawn(job.run(writer, resp.into_body()));
         Ok(streaming)
+    }
+}
+
+/// The upstream's answer, unread, that the cache could not take.
+pub(crate) struct Unfilled<B> {
+    error: CacheError,
+    response: http::Response<B>,
+}
+
+impl<B> Unfilled<B> {
+    pub(crate) fn into_parts(self) -> (CacheError, http::Response<B>) {
+        (self.error, self.response)
     }
 }
 

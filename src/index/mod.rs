@@ -48,9 +48,10 @@ pub use cache_entries::{CacheEntries, CacheEntry};
 pub use intents::{Intent, IntentStore};
 pub use present::PresentStore;
 // The server part spawns it from `lib.rs` (merged separately).
+pub use crate::config::TreeBounds;
 #[allow(unused_imports)]
 pub(crate) use prune::prune_periodically;
-pub use prune::{PruneBounds, PruneReport, TreeBounds, TreePruned};
+pub use prune::{PruneBounds, PruneReport, TreePruned};
 pub use referrers::ReferrerStore;
 pub use tags::{TagRecord, TagStore};
 
@@ -144,23 +145,32 @@ impl Index {
     /// Opens (or creates) the index under `dir`, stamping with the system
     /// clock.
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
-        Index::open_with_clock(dir, Clock::system())
+        Index::open_with(
+            dir,
+            Clock::system(),
+            crate::config::DEFAULT_INDEX_CACHE_BYTES,
+        )
     }
 
     /// Opens (or creates) the index under `dir`; `clock` stamps the values
-    /// pruning judges by (`Config.clock`, skewable in tests).
-    pub fn open_with_clock(dir: &Path, clock: Clock) -> Result<Index, IndexError> {
+    /// pruning judges by (`Config.clock`, skewable in tests); sled keeps at
+    /// most `cache_bytes` of pages in memory (`index.cache_bytes`).
+    pub fn open_with(dir: &Path, clock: Clock, cache_bytes: u64) -> Result<Index, IndexError> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::Storage(e.to_string()))?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            if is_lock_conflict(&e) {
-                IndexError::Locked {
-                    path: dir.display().to_string(),
-                    reason: e.to_string(),
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|e| {
+                if is_lock_conflict(&e) {
+                    IndexError::Locked {
+                        path: dir.display().to_string(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    IndexError::from(e)
                 }
-            } else {
-                IndexError::from(e)
-            }
-        })?;
+            })?;
         schema::check_and_migrate(&db, clock.now_secs())?;
         let shared = Shared {
             clock,

@@ -14,14 +14,7 @@ use tokio::sync::watch;
 
 use super::{stamp_of, tags, Index};
 use crate::clock::Clock;
-use crate::config::Config;
-
-/// How long, and how many, entries of one tree are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TreeBounds {
-    pub max_age: Duration,
-    pub max_entries: usize,
-}
+use crate::config::{Config, TreeBounds};
 
 /// The bounds of every pruned tree, and how often pruning runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -299,7 +292,12 @@ mod tests {
     fn entries_older_than_the_bound_are_pruned_and_owed_work_is_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Clock::skewable();
-        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("open");
+        let ix = Index::open_with(
+            dir.path(),
+            clock.clone(),
+            crate::config::DEFAULT_INDEX_CACHE_BYTES,
+        )
+        .expect("open");
         let a = RepoName::parse("a").expect("name");
         let s = Digest::sha256_of(b"s");
         fill(&ix, &a, 3);
@@ -332,7 +330,12 @@ mod tests {
     fn beyond_the_count_bound_the_oldest_go_first() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Clock::skewable();
-        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("open");
+        let ix = Index::open_with(
+            dir.path(),
+            clock.clone(),
+            crate::config::DEFAULT_INDEX_CACHE_BYTES,
+        )
+        .expect("open");
         let a = RepoName::parse("a").expect("name");
         for i in 0..5u8 {
             ix.present().mark(&a, &desc(i).digest);
@@ -354,7 +357,12 @@ mod tests {
     fn entries_stamped_in_the_same_second_are_cut_to_the_exact_count() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Clock::skewable();
-        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("open");
+        let ix = Index::open_with(
+            dir.path(),
+            clock.clone(),
+            crate::config::DEFAULT_INDEX_CACHE_BYTES,
+        )
+        .expect("open");
         let a = RepoName::parse("a").expect("name");
         for i in 0..5u8 {
             ix.present().mark(&a, &desc(i).digest);
@@ -387,7 +395,12 @@ mod tests {
     async fn the_pruning_loop_prunes_every_interval_by_the_given_clock() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Clock::skewable();
-        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("open");
+        let ix = Index::open_with(
+            dir.path(),
+            clock.clone(),
+            crate::config::DEFAULT_INDEX_CACHE_BYTES,
+        )
+        .expect("open");
         let a = RepoName::parse("a").expect("name");
         ix.present().mark(&a, &desc(1).digest);
         clock.advance(Duration::from_secs(2 * DAY));

@@ -102,7 +102,12 @@ mod tests {
             db.flush().expect("flush");
         }
         let clock = Clock::skewable();
-        let ix = Index::open_with_clock(dir.path(), clock.clone()).expect("migrated");
+        let ix = Index::open_with(
+            dir.path(),
+            clock.clone(),
+            crate::config::DEFAULT_INDEX_CACHE_BYTES,
+        )
+        .expect("migrated");
         let repo = RepoName::parse(repo).expect("name");
         assert!(ix.present().contains(&repo, &d).expect("read"));
         assert!(ix.referrers().is_tombstoned(&repo, &d).expect("read"));

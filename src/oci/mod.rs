@@ -17,4 +17,7 @@ pub use name::{Reference, RepoName};
 pub mod media {
     pub const IMAGE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
     pub const IMAGE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    /// What graft accepts when it fetches a manifest for itself: every
+    /// manifest and index type it can read a `subject` or a layer list from.
+    pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 }

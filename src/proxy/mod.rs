@@ -27,7 +27,6 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::referrers::Referrers;
 use crate::route::Route;
-use crate::server::ServerStats;
 use crate::upstream::{ClientSide, Upstream};
 
 /// Everything a request handler needs, shared by all connections.
@@ -39,8 +38,6 @@ pub struct Proxy {
     pub(crate) cache: Option<Arc<ContentCache>>,
     pub(crate) access: Arc<AccessCache>,
     pub(crate) metrics: Arc<Metrics>,
-    /// Kept here so the lead's `/metrics` can read the server's counters.
-    server_stats: Arc<ServerStats>,
 }
 
 /// What the access log learns from a handled request, carried to the
@@ -70,13 +67,16 @@ impl Proxy {
                 config.storage.data_dir.display()
             ))
         })?;
-        let index =
-            Index::open_with_clock(&config.storage.data_dir.join("index"), config.clock.clone())?;
+        let index = Index::open_with(
+            &config.storage.data_dir.join("index"),
+            config.clock.clone(),
+            config.index.cache_bytes,
+        )?;
         let referrers = Referrers::new(
             index.clone(),
             upstream.clone(),
             config.referrers.clone(),
-            own_credentials(&config.upstream),
+            config.upstream.own_authorization(),
             keys.clone(),
         );
         let metrics = Arc::new(Metrics::default());
@@ -99,8 +99,13 @@ impl Proxy {
             &config.cache,
             config.clock.clone(),
         ));
-        let server_stats = Arc::<ServerStats>::default();
-        register_owned_metrics(&metrics, &index, &access, &server_stats);
+        register_owned_metrics(&metrics, &index, &access);
+        let r = Arc::downgrade(&referrers);
+        metrics.register_gauge_fn(
+            "graft_referrers_recent_checks",
+            "Fallback-tag checks remembered in memory (referrers.tag_ttl).",
+            move || r.upgrade().map_or(0, |r| r.recent_checks()),
+        );
         if let Some(cache) = &cache {
             register_cache_metrics(&metrics, cache);
         }
@@ -111,7 +116,6 @@ impl Proxy {
             referrers,
             cache,
             metrics,
-            server_stats,
         })
     }
 
@@ -130,12 +134,6 @@ impl Proxy {
 
     pub fn referrers(&self) -> &Arc<Referrers> {
         &self.referrers
-    }
-
-    /// Counters of the server layers around [`Proxy::handle`] (shed
-    /// requests, caught panics, open connections), for `/metrics`.
-    pub fn server_stats(&self) -> &Arc<ServerStats> {
-        &self.server_stats
     }
 
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
@@ -232,25 +230,8 @@ pub(crate) fn head_only<B>(req: &Request<B>) -> Request<Body> {
     r
 }
 
-/// graft's own `Authorization` for background work, from
-/// `upstream.username`/`upstream.password`.
-pub fn own_credentials(cfg: &crate::config::UpstreamConfig) -> Option<http::HeaderValue> {
-    use base64::Engine as _;
-    let user = cfg.username.as_deref()?;
-    let pass = cfg.password.as_deref().unwrap_or("");
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-    let mut v = http::HeaderValue::from_str(&format!("Basic {token}")).ok()?;
-    v.set_sensitive(true);
-    Some(v)
-}
-
 /// Metrics whose values other components own, read at scrape time.
-fn register_owned_metrics(
-    metrics: &Metrics,
-    index: &Index,
-    access: &Arc<AccessCache>,
-    server: &Arc<ServerStats>,
-) {
+fn register_owned_metrics(metrics: &Metrics, index: &Index, access: &Arc<AccessCache>) {
     let i = index.clone();
     metrics.register_counter_fn(
         "graft_index_write_failures",
@@ -270,24 +251,6 @@ fn register_owned_metrics(
         "graft_auth_remembered_entries",
         "(credentials, repository) authorizations remembered in memory.",
         move || a.upgrade().map_or(0, |a| a.remembered()),
-    );
-    let s = server.clone();
-    metrics.register_counter_fn(
-        "graft_requests_shed",
-        "Requests answered 503 at server.max_concurrent_requests.",
-        move || s.requests_shed(),
-    );
-    let s = server.clone();
-    metrics.register_counter_fn(
-        "graft_panics_caught",
-        "Handler panics answered with a 500.",
-        move || s.panics_caught(),
-    );
-    let s = server.clone();
-    metrics.register_gauge_fn(
-        "graft_open_connections",
-        "Client connections open now.",
-        move || s.open_connections(),
     );
 }
 

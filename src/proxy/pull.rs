@@ -130,18 +130,30 @@ async fn fetch(
                     // redirect…): the client gets the upstream's answer as
                     // is; dropping the miss lets followers ask for themselves.
                     drop(miss);
-                    let (mut parts, incoming) = resp.into_parts();
-                    proxy
-                        .upstream
-                        .rewrite_response_headers(&mut parts.headers, client);
-                    return Ok(Response::from_parts(parts, body::boxed(incoming)));
+                    return Ok(as_is(proxy, resp, client));
                 }
                 proxy.access.remember_yes(&name, cred);
-                miss.fill(resp, proxy.upstream.body_timeout()).await?
+                match miss.fill(resp, proxy.upstream.body_timeout()).await {
+                    Ok(streaming) => streaming,
+                    Err(unfilled) => {
+                        let (error, resp) = unfilled.into_parts();
+                        tracing::warn!(%digest, %error, "the cache cannot take this content; streaming it uncached");
+                        return Ok(as_is(proxy, resp, client));
+                    }
+                }
             }
         };
         return Ok(streamed(kind, &digest, streaming));
     }
+}
+
+/// The upstream's answer, passed to the client as it came.
+fn as_is(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    proxy
+        .upstream
+        .rewrite_response_headers(&mut parts.headers, client);
+    Response::from_parts(parts, body::boxed(incoming))
 }
 
 fn streamed(kind: Kind, digest: &Digest, streaming: Streaming) -> Response<Body> {

@@ -78,8 +78,7 @@ impl RecentChecks {
     }
 
     /// Checks remembered now (after pending evictions are applied).
-    #[cfg(test)]
-    fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.seen.as_ref().map_or(0, |s| {
             s.run_pending_tasks();
             s.entry_count()

@@ -59,7 +59,7 @@ impl ReindexStats {
 /// Largest manifest or index graft reads from the upstream for itself.
 const READ_LIMIT: usize = 8 * 1024 * 1024;
 
-pub(crate) const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) use crate::oci::media::ACCEPT_MANIFESTS;
 
 /// Whether the upstream has its own referrers API (mode `auto`).
 const NATIVE_UNKNOWN: u8 = 0;
@@ -93,6 +93,12 @@ const IN_FLIGHT_TTL: Duration = Duration::from_secs(15 * 60);
 const IN_FLIGHT_CAPACITY: u64 = 100_000;
 
 impl Referrers {
+    /// Fallback-tag checks remembered in memory now (bounded by
+    /// `referrers.recent_checks_capacity`), for `/metrics`.
+    pub fn recent_checks(&self) -> u64 {
+        self.recent.len()
+    }
+
     pub fn new(
         index: Index,
         upstream: Upstream,

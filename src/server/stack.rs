@@ -66,8 +66,7 @@ pub(crate) struct Peer {
 struct RequestId(String);
 
 /// Builds the stack around `proxy`.
-pub(crate) fn build(proxy: Arc<Proxy>, cfg: &ServerConfig) -> Stack {
-    let stats = proxy.server_stats().clone();
+pub(crate) fn build(proxy: Arc<Proxy>, stats: Arc<ServerStats>, cfg: &ServerConfig) -> Stack {
     let stack = ServiceBuilder::new()
         // First, before any layer can log or copy the request: credentials
         // are marked sensitive, so no log line or debug dump prints them
