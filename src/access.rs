@@ -177,6 +177,9 @@ impl AccessCache {
     /// Whether the upstream confirmed `repo` holds `digest` (a sled read,
     /// so on the blocking pool).
     async fn present(&self, repo: &RepoName, digest: &Digest) -> bool {
+        if self.index.present().known(repo, digest) {
+            return true;
+        }
         let (index, repo, digest) = (self.index.clone(), repo.clone(), digest.clone());
         tokio::task::spawn_blocking(move || {
             index.present().contains(&repo, &digest).unwrap_or(false)

@@ -203,6 +203,9 @@ impl ContentCache {
     /// Records that the upstream confirmed `repo` holds `digest` (a cached
     /// copy may then be served to clients allowed on `repo`).
     pub(crate) async fn mark_present(&self, repo: &RepoName, digest: &Digest) {
+        if self.index.present().marked_now(repo, digest) {
+            return;
+        }
         let (index, r, d) = (self.index.clone(), repo.clone(), digest.clone());
         // The index logs and counts a failed write; only a lost task is ours.
         if let Err(e) = Self::blocking(move || index.present().mark(&r, &d)).await {

@@ -145,6 +145,9 @@ impl ContentCache {
     }
 
     async fn tag_record(&self, repo: &RepoName, tag: &str) -> Option<TagRecord> {
+        if let Some(rec) = self.index.tags().known(repo, tag) {
+            return Some(rec);
+        }
         let (index, r, t) = (self.index.clone(), repo.clone(), tag.to_string());
         Self::blocking(move || index.tags().get(&r, &t))
             .await
@@ -153,6 +156,10 @@ impl ContentCache {
     }
 
     async fn set_tag_record(&self, repo: &RepoName, tag: &str, rec: &TagRecord) {
+        // The same confirmation within the same second: nothing to write.
+        if self.index.tags().known(repo, tag).as_ref() == Some(rec) {
+            return;
+        }
         let (index, r, t, rec) = (
             self.index.clone(),
             repo.clone(),

@@ -5,13 +5,23 @@
 //!
 //! - `present`: repo ∅ digest → stamp of the last confirmation
 
+use std::time::Duration;
+
 use super::{key, stamp, IndexError, Shared};
 use crate::oci::{Digest, RepoName};
+
+/// Confirmations remembered in memory (with their stamp), so that the hit
+/// path asks sled nothing and a confirmation repeated within the same
+/// second is not rewritten.
+const MEMO_CAPACITY: u64 = 65_536;
+/// How long a confirmation stays in memory without being repeated.
+const MEMO_TTL: Duration = Duration::from_secs(3600);
 
 #[derive(Clone)]
 pub struct PresentStore {
     tree: sled::Tree,
     shared: Shared,
+    memo: moka::sync::Cache<(RepoName, Digest), u64>,
 }
 
 impl PresentStore {
@@ -19,7 +29,17 @@ impl PresentStore {
         Ok(PresentStore {
             tree: db.open_tree("present")?,
             shared,
+            memo: moka::sync::Cache::builder()
+                .max_capacity(MEMO_CAPACITY)
+                .time_to_live(MEMO_TTL)
+                .build(),
         })
+    }
+
+    /// Whether memory alone knows `repo` holds `digest` (no I/O; `false`
+    /// means "ask [`PresentStore::contains`]", not "absent").
+    pub fn known(&self, repo: &RepoName, digest: &Digest) -> bool {
+        self.memo.contains_key(&(repo.clone(), digest.clone()))
     }
 
     pub(super) fn tree(&self) -> &sled::Tree {
@@ -29,23 +49,42 @@ impl PresentStore {
     /// The upstream confirmed `repo` holds `digest` (best effort: a lost
     /// mark costs one HEAD).
     pub fn mark(&self, repo: &RepoName, digest: &Digest) {
-        let r = self.tree.insert(
-            key(&[repo.as_str(), digest.as_str()]),
-            &stamp(self.shared.now_secs()),
-        );
+        let now = self.shared.now_secs();
+        let k = (repo.clone(), digest.clone());
+        if self.memo.get(&k) == Some(now) {
+            return;
+        }
+        self.memo.insert(k, now);
+        let r = self
+            .tree
+            .insert(key(&[repo.as_str(), digest.as_str()]), &stamp(now));
         self.shared
             .best_effort("present", &format_args!("{repo}@{digest}"), r);
     }
 
     pub fn contains(&self, repo: &RepoName, digest: &Digest) -> Result<bool, IndexError> {
+        if self.known(repo, digest) {
+            return Ok(true);
+        }
         Ok(self
             .tree
             .contains_key(key(&[repo.as_str(), digest.as_str()]))?)
     }
 
+    /// Whether `mark` would write nothing now (confirmed this second).
+    pub fn marked_now(&self, repo: &RepoName, digest: &Digest) -> bool {
+        self.memo.get(&(repo.clone(), digest.clone())) == Some(self.shared.now_secs())
+    }
+
+    /// Drops what memory remembers (after pruning changed the tree).
+    pub(super) fn forget_memo(&self) {
+        self.memo.invalidate_all();
+    }
+
     /// Forgets that `repo` holds `digest` (deleted upstream; best effort:
     /// the next check asks the upstream anyway unless a yes is fresh).
     pub fn forget(&self, repo: &RepoName, digest: &Digest) {
+        self.memo.invalidate(&(repo.clone(), digest.clone()));
         let r = self.tree.remove(key(&[repo.as_str(), digest.as_str()]));
         self.shared
             .best_effort("present", &format_args!("{repo}@{digest}"), r);

@@ -162,6 +162,9 @@ impl Index {
                 Err(e) => tracing::warn!(tree = name, error = %e, "cannot prune index tree"),
             }
         }
+        // What memory remembers of the pruned trees must not outlive them.
+        self.present().forget_memo();
+        self.tags().forget_memo();
         report
     }
 }

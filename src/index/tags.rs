@@ -18,10 +18,15 @@ pub struct TagRecord {
     pub checked: u64,
 }
 
+/// Tag records remembered in memory, so that a tag pull reads no sled and
+/// a confirmation repeated within the same second is not rewritten.
+const MEMO_CAPACITY: u64 = 65_536;
+
 #[derive(Clone)]
 pub struct TagStore {
     tree: sled::Tree,
     shared: Shared,
+    memo: moka::sync::Cache<(RepoName, String), TagRecord>,
 }
 
 /// The stamp pruning judges a tag record by.
@@ -36,7 +41,14 @@ impl TagStore {
         Ok(TagStore {
             tree: db.open_tree("tags")?,
             shared,
+            memo: moka::sync::Cache::new(MEMO_CAPACITY),
         })
+    }
+
+    /// The record of `tag` if memory holds it (no I/O; `None` means "ask
+    /// [`TagStore::get`]").
+    pub fn known(&self, repo: &RepoName, tag: &str) -> Option<TagRecord> {
+        self.memo.get(&(repo.clone(), tag.to_string()))
     }
 
     pub(super) fn tree(&self) -> &sled::Tree {
@@ -44,15 +56,31 @@ impl TagStore {
     }
 
     pub fn get(&self, repo: &RepoName, tag: &str) -> Result<Option<TagRecord>, IndexError> {
+        if let Some(r) = self.known(repo, tag) {
+            return Ok(Some(r));
+        }
         match self.tree.get(key(&[repo.as_str(), tag]))? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(corrupt)?)),
+            Some(v) => {
+                let r: TagRecord = serde_json::from_slice(&v).map_err(corrupt)?;
+                self.memo.insert((repo.clone(), tag.to_string()), r.clone());
+                Ok(Some(r))
+            }
             None => Ok(None),
         }
     }
 
     /// Records what the upstream just said `tag` points at (best effort: a
     /// lost record only costs staleness cover during an outage).
+    /// Drops what memory remembers (after pruning changed the tree).
+    pub(super) fn forget_memo(&self) {
+        self.memo.invalidate_all();
+    }
+
     pub fn set(&self, repo: &RepoName, tag: &str, r: &TagRecord) {
+        if self.known(repo, tag).as_ref() == Some(r) {
+            return;
+        }
+        self.memo.insert((repo.clone(), tag.to_string()), r.clone());
         let written = serde_json::to_vec(r)
             .map_err(corrupt)
             .and_then(|v| Ok(self.tree.insert(key(&[repo.as_str(), tag]), v)?));
