@@ -118,21 +118,8 @@ pub(super) async fn read(
             }
         }
     }
-    let accept = [(header::ACCEPT, ACCEPT_INDEX)];
-    let resp = r
-        .upstream
-        .call(Method::GET, &path, auth, &accept, Bytes::new())
-        .await?;
-    let status = resp.status();
-    if status == StatusCode::NOT_FOUND {
-        // Deleted between HEAD and GET.
-        return Ok(Access::Granted(None));
-    }
-    if !status.is_success() {
-        return Err(refused(status, &path, "GET"));
-    }
-    let bytes = read_tag_body(r, resp.into_body()).await?;
-    Ok(Access::Granted(Some(TagRead::parse(&bytes)?)))
+    // Gone between the HEAD and the GET reads as no tag.
+    get_tag(r, &path, auth).await
 }
 
 /// HEADs the fallback tag of `subject` (and its untruncated form, for long
@@ -193,8 +180,17 @@ pub(super) async fn fetch(
     tag: &str,
     auth: Option<&HeaderValue>,
 ) -> Result<Access<Option<TagRead>>, Error> {
-    let path = format!("/v2/{repo}/manifests/{tag}");
-    let resp = match ask(r, Method::GET, &path, auth).await? {
+    get_tag(r, &format!("/v2/{repo}/manifests/{tag}"), auth).await
+}
+
+/// GETs and parses the fallback tag at `path`; `None` when it does not
+/// exist, [`Access::Denied`] on the upstream's 401/403.
+async fn get_tag(
+    r: &Referrers,
+    path: &str,
+    auth: Option<&HeaderValue>,
+) -> Result<Access<Option<TagRead>>, Error> {
+    let resp = match ask(r, Method::GET, path, auth).await? {
         Access::Denied(d) => return Ok(Access::Denied(d)),
         Access::Granted(resp) => resp,
     };
@@ -203,7 +199,7 @@ pub(super) async fn fetch(
         return Ok(Access::Granted(None));
     }
     if !status.is_success() {
-        return Err(refused(status, &path, "GET"));
+        return Err(refused(status, path, "GET"));
     }
     let bytes = read_tag_body(r, resp.into_body()).await?;
     Ok(Access::Granted(Some(TagRead::parse(&bytes)?)))
