@@ -148,15 +148,20 @@ impl ContentCache {
         if !Store::cacheable(digest) {
             return None;
         }
-        let (store, d) = (self.store.clone(), digest.clone());
-        let (file, len) = Self::blocking(move || store.open_file(&d)).await.ok()??;
+        let (file, len) = match self.store.already_open(digest) {
+            Some(opened) => opened,
+            None => {
+                let (store, d) = (self.store.clone(), digest.clone());
+                Self::blocking(move || store.open_file(&d)).await.ok()??
+            }
+        };
         let media_type = if manifest {
             self.media_type(digest).await
         } else {
             None
         };
         Some(Hit {
-            file: Arc::new(file),
+            file,
             len,
             media_type,
         })

@@ -19,11 +19,20 @@ use sha2::{Digest as _, Sha256};
 use super::CacheError;
 use crate::oci::Digest;
 
+/// Committed files kept open for the hits to come: a hot manifest or
+/// layer is then served without an `open` at all. Each holds a descriptor
+/// (well under the usual 1024 limit), and an evicted file's blocks are
+/// freed only when its descriptor closes, so the number stays small.
+const OPEN_FILES: u64 = 256;
+
 /// The store on disk.
 pub(crate) struct Store {
     root: PathBuf,
     tmp: PathBuf,
     seq: AtomicU64,
+    /// Recently hit files, open, with their length. Content-addressed files
+    /// never change once committed; removing one drops it from here too.
+    open_files: moka::sync::Cache<Digest, (Arc<File>, u64)>,
 }
 
 impl Store {
@@ -41,6 +50,7 @@ impl Store {
             root,
             tmp,
             seq: AtomicU64::new(0),
+            open_files: moka::sync::Cache::new(OPEN_FILES),
         }))
     }
 
@@ -54,14 +64,23 @@ impl Store {
         self.root.join(digest.algorithm()).join(&hex[..2]).join(hex)
     }
 
-    /// Opens a committed file, if there is one.
-    pub(crate) fn open_file(&self, digest: &Digest) -> Option<(File, u64)> {
+    /// A committed file already open, without any I/O (`None`: call
+    /// [`Store::open_file`]).
+    pub(crate) fn already_open(&self, digest: &Digest) -> Option<(Arc<File>, u64)> {
+        self.open_files.get(digest)
+    }
+
+    /// Opens a committed file, if there is one (blocking: the file system),
+    /// and keeps it open for the next hits.
+    pub(crate) fn open_file(&self, digest: &Digest) -> Option<(Arc<File>, u64)> {
         if !Store::cacheable(digest) {
             return None;
         }
         let f = File::open(self.path_of(digest)).ok()?;
         let len = f.metadata().ok()?.len();
-        Some((f, len))
+        let opened = (Arc::new(f), len);
+        self.open_files.insert(digest.clone(), opened.clone());
+        Some(opened)
     }
 
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
@@ -97,6 +116,7 @@ impl Store {
     /// Removes a committed file (eviction, a failed verify); `Ok(false)`
     /// when it was already gone. Open readers keep their inode.
     pub(crate) fn remove(&self, digest: &Digest) -> Result<bool, CacheError> {
+        self.open_files.invalidate(digest);
         match std::fs::remove_file(self.path_of(digest)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
