@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +11,8 @@ use bytes::Bytes;
 use common::api::expect_status;
 use common::shim::{Fault, Shim};
 use common::{
-    header_str, random_bytes, sha256_digest, Api, DigestWriter, Graft, Registry, RegistryOptions,
-    TestImage,
+    header_str, random_bytes, settle, sha256_digest, Api, DigestWriter, Graft, Registry,
+    RegistryOptions, TestImage,
 };
 use graft::clock::Clock;
 use reqwest::StatusCode;
@@ -37,17 +36,6 @@ async fn pull_image(api: &Api, repo: &str, tag: &str, image: &TestImage) {
             blob.digest
         );
     }
-}
-
-/// Waits until the registry has logged every request answered so far: a
-/// marker request sent now is logged after them, so counts read after this
-/// cannot pass because a line was still being written.
-async fn settle(registry: &Registry) {
-    static MARKERS: AtomicUsize = AtomicUsize::new(0);
-    let n = MARKERS.fetch_add(1, Ordering::Relaxed);
-    let path = format!("/v2/settle/marker-{n}/tags/list");
-    let _ = Api::send(Api::for_registry(registry).get(&path)).await;
-    registry.wait_for_access("the settle marker", |e| e.uri == path);
 }
 
 #[tokio::test]

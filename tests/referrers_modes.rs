@@ -6,7 +6,7 @@ mod common;
 use common::artifacts::{
     artifact, expected_descriptor, push_subject, referrer_list, referrers, MANIFEST,
 };
-use common::{sha256_digest, Api, Graft, Registry};
+use common::{settle, sha256_digest, Api, Graft, Registry};
 use graft::config::ReferrersMode;
 use reqwest::StatusCode;
 
@@ -50,13 +50,13 @@ async fn within_tag_ttl_the_fallback_tag_is_not_rechecked() {
     let tag_path = format!("/v2/app/manifests/{}", subject.fallback_tag());
 
     let first = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    settle(&registry).await;
     let heads = registry.count_requests("HEAD", &tag_path);
     for _ in 0..3 {
         let again = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
         assert_eq!(again, first);
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    settle(&registry).await;
     assert_eq!(
         registry.count_requests("HEAD", &tag_path),
         heads,

@@ -224,3 +224,15 @@ pub fn assert_location_on(graft: &Graft, location: &str) {
         "Location `{location}` must point at graft"
     );
 }
+
+/// Waits until the registry has logged every request answered so far: a
+/// marker request sent now is logged after them, so counts read after this
+/// cannot pass because a line was still being written.
+pub async fn settle(registry: &Registry) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static MARKERS: AtomicUsize = AtomicUsize::new(0);
+    let n = MARKERS.fetch_add(1, Ordering::Relaxed);
+    let path = format!("/v2/settle/marker-{n}/tags/list");
+    let _ = Api::send(Api::for_registry(registry).get(&path)).await;
+    registry.wait_for_access("the settle marker", |e| e.uri == path);
+}
