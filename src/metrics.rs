@@ -58,9 +58,8 @@ pub struct Metrics {
     pub(crate) auth_remembered: Counter,
     pub(crate) tag_stale_served: Counter,
     /// Bytes in the cache now, rendered as the `graft_cache_bytes` gauge.
-    /// Transitional: the cache still keeps its byte accounting here; once it
-    /// keeps its own and calls [`Metrics::set_cache_bytes`], this becomes
-    /// private.
+    /// The cache keeps its byte accounting in this one counter (eviction
+    /// reads it), so the gauge can never disagree with what eviction sees.
     pub(crate) cache_bytes: Arc<AtomicU64>,
 }
 
@@ -227,11 +226,6 @@ impl Metrics {
         self.upstream_latency.observe(d.as_secs_f64());
     }
 
-    /// Sets the `graft_cache_bytes` gauge: what the cache holds now.
-    pub fn set_cache_bytes(&self, n: u64) {
-        self.cache_bytes.store(n, Ordering::Relaxed);
-    }
-
     /// Exposes a counter whose value `read` gives at each scrape. `name` is
     /// given without `_total`, which the exposition adds; `help` is shown
     /// as it is.
@@ -371,7 +365,7 @@ mod tests {
         inc(&m.cache_hits);
         add(&m.cache_bytes_served, 5);
         m.upstream_latency(Duration::from_millis(3));
-        m.set_cache_bytes(42);
+        m.cache_bytes.store(42, Ordering::Relaxed);
         let text = m.render();
         for line in [
             "graft_requests_total{route=\"blob\",status=\"200\"} 2",

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Api, Graft, Registry, RegistryOptions, TestImage};
+use common::{read_metric, Api, Graft, Registry, RegistryOptions, TestImage};
 use graft::clock::Clock;
 
 const AUTH_TTL: Duration = Duration::from_secs(60);
@@ -37,17 +37,7 @@ fn graft_on(registry: &Registry, clock: &Clock) -> Graft {
 
 /// The value of counter `name` on graft's `/metrics` (0 when absent).
 async fn counter(graft: &Graft, name: &str) -> u64 {
-    let text = Api::send(Api::for_graft(graft).get("/metrics"))
-        .await
-        .text()
-        .await
-        .expect("metrics");
-    text.lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == name).then(|| value.trim().parse::<f64>().ok())?
-        })
-        .map_or(0, |v| v as u64)
+    read_metric(&Api::for_graft(graft), name).await.unwrap_or(0)
 }
 
 /// (upstream checks, hits decided from memory) so far.

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use common::api::expect_status;
 use common::shim::{Fault, Shim};
 use common::{
-    header_str, random_bytes, settle, sha256_digest, Api, DigestWriter, Graft, Registry,
-    RegistryOptions, TestImage,
+    header_str, random_bytes, read_metric, settle, sha256_digest, Api, DigestWriter, Graft,
+    Registry, RegistryOptions, TestImage,
 };
 use graft::clock::Clock;
 use reqwest::StatusCode;
@@ -610,14 +610,9 @@ async fn offline_pulls_survive_a_graft_restart_for_the_clients_that_were_allowed
 
 /// graft's metric `name` (a counter or gauge without labels).
 async fn metric(api: &Api, name: &str) -> u64 {
-    let text = Api::send(api.get("/metrics"))
+    read_metric(api, name)
         .await
-        .text()
-        .await
-        .expect("metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from {text}"))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
 #[tokio::test]

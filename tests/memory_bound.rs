@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::{random_bytes, Api, Graft, Registry};
+use common::{random_bytes, read_metric, Api, Graft, Registry};
 use reqwest::{RequestBuilder, StatusCode};
 
 /// Distinct credentials, then distinct subjects, driven through graft.
@@ -88,17 +88,7 @@ where
 
 /// The value of `name` on graft's `/metrics`, if graft exports it.
 async fn metric(graft: &Graft, name: &str) -> Option<u64> {
-    let text = Api::send(Api::for_graft(graft).get("/metrics"))
-        .await
-        .text()
-        .await
-        .expect("metrics");
-    text.lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == name).then(|| value.trim().parse::<f64>().ok())?
-        })
-        .map(|v| v as u64)
+    read_metric(&Api::for_graft(graft), name).await
 }
 
 /// Only warnings: the test harness keeps captured output in memory, and an

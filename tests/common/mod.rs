@@ -236,3 +236,20 @@ pub async fn settle(registry: &Registry) {
     let _ = Api::send(Api::for_registry(registry).get(&path)).await;
     registry.wait_for_access("the settle marker", |e| e.uri == path);
 }
+
+/// The value of `name` (a counter or gauge without labels) on the
+/// `/metrics` of the graft `api` talks to; `None` when graft does not
+/// export it.
+pub async fn read_metric(api: &Api, name: &str) -> Option<u64> {
+    let text = Api::send(api.get("/metrics"))
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    text.lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .map(|v| v as u64)
+}
