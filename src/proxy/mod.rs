@@ -9,6 +9,7 @@ mod passthrough;
 mod pull;
 mod referrers;
 mod serve;
+mod tag_list;
 mod upload;
 
 use std::net::SocketAddr;
@@ -226,7 +227,8 @@ impl Proxy {
             Route::Upload { name, id } => {
                 upload::continue_upload(self, name, id, req, client, outcome).await
             }
-            Route::Base | Route::Catalog | Route::TagsList { .. } | Route::OtherV2 => {
+            Route::TagsList { name } => tag_list::handle(self, name, req, client, outcome).await,
+            Route::Base | Route::Catalog | Route::OtherV2 => {
                 passthrough::forward(self, req, client, outcome).await
             }
         }
