@@ -555,3 +555,42 @@ async fn a_manifest_deleted_at_the_registry_is_served_at_most_auth_ttl_after_its
     );
     assert_eq!(via.get_manifest(repo, &fresh.digest).await, fresh.manifest);
 }
+
+#[tokio::test]
+async fn a_manifest_with_a_non_distributable_layer_gets_the_registry_s_own_answer() {
+    let registry = Registry::start();
+    let graft = Graft::start(&registry);
+    let (direct, via) = (Api::for_registry(&registry), Api::for_graft(&graft));
+    let image = TestImage::build(1);
+    direct
+        .push_blob("foreign/app", image.config.data.clone())
+        .await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": image.config.descriptor(),
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "digest": common::sha256_digest(b"never uploaded"),
+            "size": 14,
+            "urls": ["https://example.com/layer.tar.gz"],
+        }],
+    });
+    let body = Bytes::from(serde_json::to_vec(&manifest).expect("JSON"));
+    let put = |api: &Api| {
+        api.request(Method::PUT, "/v2/foreign/app/manifests/v1")
+            .header("content-type", OCI_MANIFEST)
+            .body(body.clone())
+    };
+    let up = answer(Api::send(put(&direct)).await).await;
+    let through = answer(Api::send(put(&via)).await).await;
+    // An upstream limit graft cannot repair: distribution 2.8 answers 500
+    // (the spec would have it accept the manifest); graft passes it on
+    // rather than guess.
+    assert_eq!(
+        up.0,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "distribution alone"
+    );
+    assert_eq!(through, up, "through graft vs the registry");
+}
