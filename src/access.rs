@@ -175,14 +175,25 @@ impl AccessCache {
     }
 
     /// Whether the upstream confirmed `repo` holds `digest` (a sled read,
-    /// so on the blocking pool).
-    async fn present(&self, repo: &RepoName, digest: &Digest) -> bool {
-        if self.index.present().known(repo, digest) {
+    /// so on the blocking pool); with `within`, a confirmation younger than
+    /// that only.
+    async fn present(&self, repo: &RepoName, digest: &Digest, within: Option<Duration>) -> bool {
+        let present = self.index.present();
+        let known = match within {
+            Some(w) => present.known_within(repo, digest, w),
+            None => present.known(repo, digest),
+        };
+        if known {
             return true;
         }
         let (index, repo, digest) = (self.index.clone(), repo.clone(), digest.clone());
         tokio::task::spawn_blocking(move || {
-            index.present().contains(&repo, &digest).unwrap_or(false)
+            let present = index.present();
+            match within {
+                Some(w) => present.contains_within(&repo, &digest, w),
+                None => present.contains(&repo, &digest),
+            }
+            .unwrap_or(false)
         })
         .await
         .unwrap_or(false)
@@ -200,7 +211,11 @@ impl AccessCache {
     ) -> Decision {
         let metrics = &*self.metrics;
         let cred = self.key(auth);
-        if self.fresh_yes(repo, cred) && self.present(repo, digest).await {
+        // A manifest deleted straight at the registry (or collected with
+        // its index) must not be served for longer than `auth_ttl`: its
+        // presence counts without asking only while as young as a fresh yes.
+        let window = (kind == Kind::Manifest).then_some(self.ttl);
+        if self.fresh_yes(repo, cred) && self.present(repo, digest, window).await {
             metrics::inc(&metrics.auth_remembered);
             return Decision::Allowed;
         }
@@ -241,7 +256,7 @@ impl AccessCache {
     /// The upstream could not be asked: a remembered yes within `max_stale`
     /// stands for content the upstream confirmed `repo` holds.
     async fn offline(&self, repo: &RepoName, digest: &Digest, cred: CredKey, e: Error) -> Decision {
-        if self.present(repo, digest).await && self.stale_yes(repo, cred).await {
+        if self.present(repo, digest, None).await && self.stale_yes(repo, cred).await {
             metrics::inc(&self.metrics.cache_stale_hits);
             tracing::info!(%repo, %digest, "upstream unreachable; serving on a remembered authorization");
             Decision::Allowed

@@ -33,8 +33,10 @@ pub enum Error {
     NameInvalid(String),
     #[error("invalid digest: {0}")]
     DigestInvalid(String),
-    #[error("invalid reference: {0}")]
-    ReferenceInvalid(String),
+    /// The upstream cannot delete tags (distribution 2.x answers a tag
+    /// `DELETE` with `DIGEST_INVALID`; the spec allows only `UNSUPPORTED`).
+    #[error("the upstream registry cannot delete tags; delete the manifest by digest instead")]
+    TagDeletionUnsupported,
     #[error("invalid manifest: {0}")]
     ManifestInvalid(String),
     #[error("manifest larger than {limit} bytes")]
@@ -75,7 +77,7 @@ impl Error {
         match self {
             Error::NameInvalid(_)
             | Error::DigestInvalid(_)
-            | Error::ReferenceInvalid(_)
+            | Error::TagDeletionUnsupported
             | Error::ManifestInvalid(_)
             | Error::ManifestTooLarge { .. }
             | Error::BadRequest(_)
@@ -93,7 +95,7 @@ impl Error {
         match self {
             Error::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
             Error::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
-            Error::ReferenceInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
+            Error::TagDeletionUnsupported => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             Error::ManifestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
             Error::ManifestTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid)
@@ -138,7 +140,7 @@ impl Error {
             // whether its text may reach a client.
             Error::NameInvalid(_)
             | Error::DigestInvalid(_)
-            | Error::ReferenceInvalid(_)
+            | Error::TagDeletionUnsupported
             | Error::ManifestInvalid(_)
             | Error::ManifestTooLarge { .. }
             | Error::BadRequest(_)
@@ -287,12 +289,7 @@ mod tests {
                 "DIGEST_INVALID",
                 Client,
             ),
-            (
-                Error::ReferenceInvalid("-".into()),
-                400,
-                "MANIFEST_INVALID",
-                Client,
-            ),
+            (Error::TagDeletionUnsupported, 400, "UNSUPPORTED", Client),
             (
                 Error::ManifestInvalid("y".into()),
                 400,

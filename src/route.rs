@@ -1,6 +1,13 @@
 //! Which request is which: `Route::parse(path)` names the endpoint
 //! of the distribution spec ("Endpoints" table) a request is for, validating
 //! names and digests on the way so handlers receive only well-formed ones.
+//!
+//! graft refuses only what it must interpret and cannot: a repository name
+//! or digest it would use as a key or a path (400 `NAME_INVALID`,
+//! `DIGEST_INVALID`, as the spec's error table names them), dot segments,
+//! and upload ids it keys its upload tees by. A manifest reference that is
+//! neither a tag nor a digest is the upstream's to judge (the spec's pull
+//! section answers it 404 `MANIFEST_UNKNOWN`): it is forwarded as it came.
 
 use percent_encoding::percent_decode_str;
 
@@ -18,6 +25,12 @@ pub(crate) enum Route {
     Manifest {
         name: RepoName,
         reference: Reference,
+    },
+    /// `<name>/manifests/<reference>` whose reference is neither a tag nor
+    /// a digest (no `:`): forwarded for the upstream to answer.
+    ManifestUnparsed {
+        name: RepoName,
+        raw: String,
     },
     Blob {
         name: RepoName,
@@ -54,7 +67,7 @@ impl Route {
             Route::Metrics => "metrics",
             Route::Base => "base",
             Route::Catalog => "catalog",
-            Route::Manifest { .. } => "manifest",
+            Route::Manifest { .. } | Route::ManifestUnparsed { .. } => "manifest",
             Route::Blob { .. } => "blob",
             Route::UploadStart { .. } | Route::Upload { .. } => "upload",
             Route::TagsList { .. } => "tags",
@@ -146,10 +159,17 @@ fn under_name(segs: &[&str]) -> Result<Option<Route>, Error> {
     }
     let (kind, last) = (segs[n - 2], segs[n - 1]);
     let route = match kind {
-        "manifests" => Route::Manifest {
-            name: name_before(segs, 2)?,
-            reference: reference(&decoded(last))?,
-        },
+        "manifests" => {
+            let name = name_before(segs, 2)?;
+            let raw = decoded(last);
+            match Reference::parse(&raw) {
+                Some(reference) => Route::Manifest { name, reference },
+                // Something with a `:` was meant as a digest, which graft
+                // keys its cache by: a malformed one is refused as such.
+                None if raw.contains(':') => return Err(Error::DigestInvalid(raw)),
+                None => Route::ManifestUnparsed { name, raw },
+            }
+        }
         "blobs" => Route::Blob {
             name: name_before(segs, 2)?,
             digest: decoded(last).parse()?,
@@ -164,18 +184,6 @@ fn under_name(segs: &[&str]) -> Result<Option<Route>, Error> {
         _ => return Ok(None),
     };
     Ok(Some(route))
-}
-
-/// A tag or a digest; something with a `:` was meant as a digest and is
-/// refused as one.
-fn reference(raw: &str) -> Result<Reference, Error> {
-    Reference::parse(raw).ok_or_else(|| {
-        if raw.contains(':') {
-            Error::DigestInvalid(raw.to_string())
-        } else {
-            Error::ReferenceInvalid(raw.to_string())
-        }
-    })
 }
 
 #[cfg(test)]
@@ -227,6 +235,15 @@ mod tests {
             Ok(Route::Referrers { .. })
         ));
         assert_eq!(parse("/v2/a/whatever").expect("ok"), Route::OtherV2);
+        for odd in [".INVALID_MANIFEST_NAME", "-bad", "%2Eh"] {
+            assert!(
+                matches!(
+                    parse(&format!("/v2/a/manifests/{odd}")),
+                    Ok(Route::ManifestUnparsed { .. })
+                ),
+                "{odd}"
+            );
+        }
         assert_eq!(parse("/elsewhere").expect("ok"), Route::NotFound);
     }
 
@@ -245,8 +262,8 @@ mod tests {
             Err(Error::DigestInvalid(_))
         ));
         assert!(matches!(
-            parse("/v2/a/manifests/-bad"),
-            Err(Error::ReferenceInvalid(_))
+            parse("/v2/UPPER/manifests/-bad"),
+            Err(Error::NameInvalid(_))
         ));
         assert!(matches!(
             parse("/v2/a/referrers/nope"),

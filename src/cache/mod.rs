@@ -229,6 +229,16 @@ impl ContentCache {
         }
     }
 
+    /// Records that the upstream deleted `tag` from `repo`: the next pull
+    /// of it asks the upstream.
+    pub(crate) async fn forget_tag(&self, repo: &RepoName, tag: &str) {
+        let (index, r, t) = (self.index.clone(), repo.clone(), tag.to_string());
+        // The index logs and counts a failed write; only a lost task is ours.
+        if let Err(e) = Self::blocking(move || index.tags().forget(&r, &t)).await {
+            tracing::error!(error = %e, "forgetting a tag failed");
+        }
+    }
+
     /// Notes a read for LRU without writing to sled now.
     pub(crate) fn touch(&self, digest: &Digest) {
         let now = self.clock.now_millis();

@@ -70,7 +70,10 @@ impl ContentCache {
         if let Some(rec) = &known {
             let fresh =
                 !self.cfg.tag_ttl.is_zero() && self.clock.within(rec.checked, self.cfg.tag_ttl);
-            if fresh && fresh_yes {
+            // A digest deleted through graft (or found gone) is forgotten
+            // as present: the tag is then asked about, not served blind.
+            let present = self.index.present().known(repo, &rec.digest);
+            if fresh && fresh_yes && present {
                 if let Some(hit) = self.tag_hit(rec).await {
                     return TagAnswer::Hit {
                         digest: rec.digest.clone(),

@@ -3,11 +3,16 @@
 //! the upstream is down it is what lets cached pulls go on. Grows with every
 //! (repository, digest) pulled; pruned by the age of the confirmation.
 //!
+//! Each record carries when the upstream last confirmed it, so a caller
+//! can ask for a confirmation younger than a window: the cache serves a
+//! manifest without asking only on one younger than `cache.auth_ttl`, so
+//! content deleted straight at the registry is served for at most that long.
+//!
 //! - `present`: repo ∅ digest → stamp of the last confirmation
 
 use std::time::Duration;
 
-use super::{key, stamp, IndexError, Shared};
+use super::{key, stamp, stamp_of, IndexError, Shared};
 use crate::oci::{Digest, RepoName};
 
 /// Confirmations remembered in memory (with their stamp), so that the hit
@@ -71,6 +76,37 @@ impl PresentStore {
             .contains_key(key(&[repo.as_str(), digest.as_str()]))?)
     }
 
+    /// Whether the upstream confirmed `repo` holds `digest` less than
+    /// `window` ago (memory first, then sled: call off the async workers
+    /// unless [`PresentStore::known_within`] already said yes).
+    pub fn contains_within(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        window: Duration,
+    ) -> Result<bool, IndexError> {
+        if self.known_within(repo, digest, window) {
+            return Ok(true);
+        }
+        let at = self
+            .tree
+            .get(key(&[repo.as_str(), digest.as_str()]))?
+            .and_then(|v| stamp_of(&v));
+        Ok(at.is_some_and(|at| self.younger_than(at, window)))
+    }
+
+    /// Whether memory alone knows a confirmation younger than `window` (no
+    /// I/O; `false` means "ask [`PresentStore::contains_within`]").
+    pub fn known_within(&self, repo: &RepoName, digest: &Digest, window: Duration) -> bool {
+        self.memo
+            .get(&(repo.clone(), digest.clone()))
+            .is_some_and(|at| self.younger_than(at, window))
+    }
+
+    fn younger_than(&self, at_secs: u64, window: Duration) -> bool {
+        self.shared.now_secs().saturating_sub(at_secs) < window.as_secs()
+    }
+
     /// Whether `mark` would write nothing now (confirmed this second).
     pub fn marked_now(&self, repo: &RepoName, digest: &Digest) -> bool {
         self.memo.get(&(repo.clone(), digest.clone())) == Some(self.shared.now_secs())
@@ -111,6 +147,28 @@ mod tests {
         assert!(!p.contains(&b, &d).expect("read"));
         p.forget(&a, &d);
         assert!(!p.contains(&a, &d).expect("read"));
+    }
+
+    #[test]
+    fn a_confirmation_counts_within_a_window_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::Clock::skewable();
+        let ix = Index::open_with(dir.path(), clock.clone(), 1 << 20).expect("open");
+        let p = ix.present();
+        let a = RepoName::parse("a").expect("n");
+        let d = Digest::sha256_of(b"d");
+        let window = std::time::Duration::from_secs(60);
+        p.mark(&a, &d);
+        assert!(p.known_within(&a, &d, window));
+        assert!(p.contains_within(&a, &d, window).expect("read"));
+        clock.advance(std::time::Duration::from_secs(61));
+        assert!(!p.known_within(&a, &d, window), "memory: too old");
+        p.forget_memo();
+        assert!(
+            !p.contains_within(&a, &d, window).expect("read"),
+            "sled: too old"
+        );
+        assert!(p.contains(&a, &d).expect("read"), "the record itself stays");
     }
 
     /// A real storage fault: sled refuses writes to a tree that was dropped

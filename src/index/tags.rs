@@ -76,6 +76,15 @@ impl TagStore {
         self.memo.invalidate_all();
     }
 
+    /// Forgets `tag` (deleted upstream; best effort: a record left behind
+    /// is revalidated within `cache.tag_ttl` anyway).
+    pub fn forget(&self, repo: &RepoName, tag: &str) {
+        self.memo.invalidate(&(repo.clone(), tag.to_string()));
+        let r = self.tree.remove(key(&[repo.as_str(), tag]));
+        self.shared
+            .best_effort("tags", &format_args!("{repo}:{tag}"), r);
+    }
+
     pub fn set(&self, repo: &RepoName, tag: &str, r: &TagRecord) {
         if self.known(repo, tag).as_ref() == Some(r) {
             return;

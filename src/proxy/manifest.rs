@@ -7,13 +7,13 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 
 use super::{passthrough, pull, Outcome, Proxy};
 use crate::access::Kind;
 use crate::body::{self, Body, CollectError};
 use crate::error::Error;
-use crate::oci::{Descriptor, Digest, ManifestFields, Reference, RepoName};
+use crate::oci::{Descriptor, Digest, ErrorCode, ManifestFields, Reference, RepoName};
 use crate::referrers::{is_fallback_tag, OCI_SUBJECT};
 use crate::upstream::ClientSide;
 
@@ -28,35 +28,133 @@ pub(crate) async fn handle(
     match (req.method().clone(), reference) {
         (Method::PUT, reference) => put(proxy, name, reference, req, client, outcome).await,
         (Method::DELETE, Reference::Digest(digest)) => {
-            let auth = req.headers().get(header::AUTHORIZATION).cloned();
-            let referrers = &proxy.referrers;
-            referrers.before_delete(&name, &digest).await?;
-            let resp = match passthrough::forward(proxy, req, client, outcome).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // Unknown whether the upstream deleted it: the intent
-                    // stays for recovery to settle.
-                    referrers.push_unresolved(&name, &digest);
-                    return Err(e);
-                }
-            };
-            let accepted = resp.status().is_success();
-            if let Some(cache) = proxy.cache.as_ref().filter(|_| accepted) {
-                cache.forget_present(&name, &digest).await;
-            }
-            referrers
-                .after_delete(&name, &digest, accepted, auth.as_ref())
-                .await?;
-            Ok(resp)
+            delete_digest(proxy, name, digest, req, client, outcome).await
+        }
+        (Method::DELETE, Reference::Tag(tag)) => {
+            delete_tag(proxy, name, tag, req, client, outcome).await
         }
         (Method::GET | Method::HEAD, Reference::Digest(d)) => {
-            pull::by_digest(proxy, Kind::Manifest, name, d, req, client, outcome).await
+            let resp = pull::by_digest(
+                proxy,
+                Kind::Manifest,
+                name.clone(),
+                d.clone(),
+                req,
+                client,
+                outcome,
+            )
+            .await?;
+            forget_if_gone(proxy, &name, &d, resp.status()).await;
+            Ok(resp)
         }
         (Method::GET | Method::HEAD, Reference::Tag(t)) => {
             pull::by_tag(proxy, name, t, req, client, outcome).await
         }
         _ => passthrough::forward(proxy, req, client, outcome).await,
     }
+}
+
+/// The upstream's 404 to a request by digest says `name` does not hold
+/// `digest` (any more): graft forgets it held it, so no later request is
+/// answered from the cache without asking (distribution-spec "Deleting
+/// Manifests": once deleted, a `GET` returns 404).
+pub(crate) async fn forget_if_gone(
+    proxy: &Proxy,
+    name: &RepoName,
+    digest: &Digest,
+    status: StatusCode,
+) {
+    if let Some(cache) = proxy
+        .cache
+        .as_ref()
+        .filter(|_| status == StatusCode::NOT_FOUND)
+    {
+        cache.forget_present(name, digest).await;
+    }
+}
+
+/// `DELETE` by digest (end-9): forwarded; graft forgets that `name` holds
+/// the digest whatever the upstream answers (a 404 means it is gone too,
+/// and an error leaves it unknown: asking again costs one `HEAD`), and on
+/// success drops it from the referrers it was.
+async fn delete_digest(
+    proxy: &Proxy,
+    name: RepoName,
+    digest: Digest,
+    req: Request<Body>,
+    client: &ClientSide,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, Error> {
+    let auth = req.headers().get(header::AUTHORIZATION).cloned();
+    let referrers = &proxy.referrers;
+    referrers.before_delete(&name, &digest).await?;
+    let forwarded = passthrough::forward(proxy, req, client, outcome).await;
+    if let Some(cache) = &proxy.cache {
+        cache.forget_present(&name, &digest).await;
+    }
+    let resp = match forwarded {
+        Ok(r) => r,
+        Err(e) => {
+            // Unknown whether the upstream deleted it: the intent
+            // stays for recovery to settle.
+            referrers.push_unresolved(&name, &digest);
+            return Err(e);
+        }
+    };
+    let accepted = resp.status().is_success();
+    referrers
+        .after_delete(&name, &digest, accepted, auth.as_ref())
+        .await?;
+    Ok(resp)
+}
+
+/// The most of an upstream's 400 body graft reads to find its error code.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// `DELETE` by tag (end-9, "Deleting tags"): forwarded. A registry that
+/// cannot delete tags must answer 400 or 405 with `UNSUPPORTED`;
+/// distribution 2.x answers 400 `DIGEST_INVALID`, which graft translates.
+/// A deleted tag is forgotten, so its next pull asks the upstream (and gets
+/// the spec's 404).
+async fn delete_tag(
+    proxy: &Proxy,
+    name: RepoName,
+    tag: String,
+    req: Request<Body>,
+    client: &ClientSide,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, Error> {
+    let resp = passthrough::forward(proxy, req, client, outcome).await?;
+    if resp.status().is_success() {
+        if let Some(cache) = &proxy.cache {
+            cache.forget_tag(&name, &tag).await;
+        }
+        return Ok(resp);
+    }
+    if resp.status() != StatusCode::BAD_REQUEST {
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let idle = Some(proxy.upstream.body_timeout());
+    let bytes = match body::collect_limited(body, ERROR_BODY_LIMIT, idle).await {
+        Ok(bytes) => bytes,
+        Err(CollectError::Stalled(d)) => return Err(Error::UpstreamStalled(d)),
+        Err(CollectError::TooLarge | CollectError::Broken(_)) => {
+            return Err(Error::UpstreamInvalid(
+                "its 400 to a tag DELETE was cut or oversized".into(),
+            ))
+        }
+    };
+    if first_error_code(&bytes).as_deref() == Some(ErrorCode::DigestInvalid.as_str()) {
+        return Err(Error::TagDeletionUnsupported);
+    }
+    Ok(Response::from_parts(parts, body::full(bytes)))
+}
+
+/// The `code` of the first error in an OCI error body.
+fn first_error_code(bytes: &[u8]) -> Option<String> {
+    let json: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    Some(json["errors"][0]["code"].as_str()?.to_string())
 }
 
 /// A push: the body is read (bounded), then it is one of three pushes.

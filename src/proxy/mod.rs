@@ -9,6 +9,7 @@ mod passthrough;
 mod pull;
 mod referrers;
 mod serve;
+mod tag_list;
 mod upload;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use crate::credentials::CredentialKeys;
 use crate::error::Error;
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::oci::Reference;
 use crate::referrers::Referrers;
 use crate::route::Route;
 use crate::upstream::{ClientSide, Upstream};
@@ -191,20 +193,32 @@ impl Proxy {
             Route::Metrics => Ok(self.render_metrics()),
             Route::Blob { name, digest } => match req.method().clone() {
                 Method::GET | Method::HEAD => {
-                    pull::by_digest(self, Kind::Blob, name, digest, req, client, outcome).await
+                    let (n, d) = (name.clone(), digest.clone());
+                    let resp =
+                        pull::by_digest(self, Kind::Blob, n, d, req, client, outcome).await?;
+                    manifest::forget_if_gone(self, &name, &digest, resp.status()).await;
+                    Ok(resp)
                 }
                 Method::DELETE => {
-                    let resp = passthrough::forward(self, req, client, outcome).await?;
-                    if let Some(cache) = self.cache.as_ref().filter(|_| resp.status().is_success())
-                    {
+                    let forwarded = passthrough::forward(self, req, client, outcome).await;
+                    // Whatever the upstream answers: asking again costs a HEAD.
+                    if let Some(cache) = &self.cache {
                         cache.forget_present(&name, &digest).await;
                     }
-                    Ok(resp)
+                    forwarded
                 }
                 _ => passthrough::forward(self, req, client, outcome).await,
             },
             Route::Manifest { name, reference } => {
                 manifest::handle(self, name, reference, req, client, outcome).await
+            }
+            // Only a push is graft's business (it may carry a `subject`);
+            // the upstream judges the reference.
+            Route::ManifestUnparsed { name, raw } if req.method() == Method::PUT => {
+                manifest::handle(self, name, Reference::Tag(raw), req, client, outcome).await
+            }
+            Route::ManifestUnparsed { .. } => {
+                passthrough::forward(self, req, client, outcome).await
             }
             Route::Referrers { name, digest } => {
                 referrers::handle(self, name, digest, req, client, outcome).await
@@ -213,7 +227,8 @@ impl Proxy {
             Route::Upload { name, id } => {
                 upload::continue_upload(self, name, id, req, client, outcome).await
             }
-            Route::Base | Route::Catalog | Route::TagsList { .. } | Route::OtherV2 => {
+            Route::TagsList { name } => tag_list::handle(self, name, req, client, outcome).await,
+            Route::Base | Route::Catalog | Route::OtherV2 => {
                 passthrough::forward(self, req, client, outcome).await
             }
         }
