@@ -155,7 +155,8 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let client = ClientSide::new(peer, scheme, host);
+        let public_url = self.config.server.public_url.as_deref();
+        let client = ClientSide::new(peer, scheme, host, public_url);
         let route = Route::parse(req.uri().path());
         let kind = route.as_ref().map(Route::kind).unwrap_or("invalid");
         let mut outcome = Outcome::default();
