@@ -196,6 +196,21 @@ impl Referrers {
         Ok(Access::Granted(listed))
     }
 
+    /// The referrers of `subject` in `repo` the index holds, without asking
+    /// the upstream: only for a client whose access graft already knows
+    /// (the caller's check), while the fallback tag cannot be read.
+    pub async fn list_indexed(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<Descriptor>, Error> {
+        let (repo, subject) = (repo.clone(), subject.clone());
+        Ok(self
+            .index
+            .blocking(move |ix| ix.referrers().list(&repo, &subject))
+            .await?)
+    }
+
     /// Before a push with `subject` is forwarded: record the intent durably,
     /// so a crash after the upstream accepts it cannot lose the referrer.
     pub async fn before_push(

@@ -143,7 +143,7 @@ impl Referrers {
             .call(Method::PUT, &path, auth, &ct, bytes)
             .await?;
         if !resp.status().is_success() {
-            return Err(fallback::refused(resp.status(), &path, "PUT"));
+            return Err(fallback::refused(&resp, &path, "PUT"));
         }
         Ok(digest)
     }
