@@ -106,6 +106,7 @@ impl Proxy {
             "Fallback-tag checks remembered in memory (referrers.tag_ttl).",
             move || r.upgrade().map_or(0, |r| r.recent_checks()),
         );
+        register_tag_size_metrics(&metrics, &referrers);
         if let Some(cache) = &cache {
             register_cache_metrics(&metrics, cache);
         }
@@ -252,6 +253,28 @@ fn register_owned_metrics(metrics: &Metrics, index: &Index, access: &Arc<AccessC
         "graft_auth_remembered_entries",
         "(credentials, repository) authorizations remembered in memory.",
         move || a.upgrade().map_or(0, |a| a.remembered()),
+    );
+}
+
+/// What the fallback-tag size rule did, read at scrape time.
+fn register_tag_size_metrics(metrics: &Metrics, referrers: &Arc<Referrers>) {
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_annotations_dropped",
+        "Referrer descriptors written to a fallback tag without their annotations (referrers.max_tag_bytes).",
+        move || r.upgrade().map_or(0, |r| r.tag_size().annotations_dropped()),
+    );
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_too_large",
+        "Fallback-tag writes not attempted: the bare descriptors exceed referrers.max_tag_bytes.",
+        move || r.upgrade().map_or(0, |r| r.tag_size().too_large()),
+    );
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_writes_refused",
+        "Fallback-tag writes the registry refused with 400 or 413, not retried unchanged.",
+        move || r.upgrade().map_or(0, |r| r.tag_size().refused()),
     );
 }
 
