@@ -133,6 +133,11 @@ impl ClientSide {
         }
     }
 
+    /// Whether URLs pointing back at graft can be built for this client.
+    pub fn has_origin(&self) -> bool {
+        self.host.is_some() || self.public_url.is_some()
+    }
+
     /// The origin URLs pointing back at graft are built on: the client's
     /// own `Host`, else `server.public_url`.
     fn origin(&self) -> Option<String> {
@@ -141,6 +146,12 @@ impl ClientSide {
             None => self.public_url.clone(),
         }
     }
+}
+
+/// The client's error when a URL back to graft must be built and neither a
+/// valid `Host` nor `server.public_url` says where graft is.
+pub(crate) fn host_required() -> Error {
+    Error::BadRequest("a valid Host header is required to answer this request".into())
 }
 
 /// Whether `host` is a `Host` header graft may put into a URL (RFC 9110
@@ -396,9 +407,7 @@ impl Upstream {
             .iter()
             .any(|v| rewrite_link(v.to_str().unwrap_or(""), &self.origin, "").is_some());
         if location || link {
-            return Err(Error::BadRequest(
-                "a valid Host header is required to answer this request".into(),
-            ));
+            return Err(host_required());
         }
         Ok(())
     }

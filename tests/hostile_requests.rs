@@ -35,11 +35,25 @@ impl RawResponse {
 /// connection after it: every request here says `Connection: close` or is
 /// HTTP/1.0, or breaks the connection's framing).
 fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    exchange(addr, request, false)
+}
+
+/// Like [`raw`], then hangs up its sending side: the body ends mid-way.
+fn raw_then_hang_up(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    exchange(addr, request, true)
+}
+
+fn exchange(addr: SocketAddr, request: &[u8], hang_up: bool) -> RawResponse {
     let mut stream = TcpStream::connect(addr).expect("connect to graft");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("read timeout");
     stream.write_all(request).expect("send request");
+    if hang_up {
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    }
     let mut bytes = Vec::new();
     // The peer may reset after its answer (a broken body); what arrived counts.
     let _ = stream.read_to_end(&mut bytes);
@@ -98,6 +112,23 @@ async fn a_request_without_host_is_refused_rather_than_sent_to_the_upstream() {
         let resp = raw(graft.addr(), &upload_start(version, None));
         assert_plain_400(&resp, &registry, None);
     }
+}
+
+#[tokio::test]
+async fn a_push_without_host_is_refused_before_the_upstream_stores_it() {
+    let registry = Registry::start();
+    let graft = Graft::start(&registry);
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let mut request = format!(
+        "PUT /v2/app/manifests/v1 HTTP/1.0\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\n\r\n",
+        manifest.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(manifest);
+    assert_plain_400(&raw(graft.addr(), &request), &registry, None);
+    let upstream = Api::for_registry(&registry);
+    let tag = Api::send(upstream.head("/v2/app/manifests/v1")).await;
+    assert_eq!(tag.status(), 404, "nothing was stored");
 }
 
 #[tokio::test]
@@ -194,4 +225,22 @@ async fn a_broken_chunked_blob_patch_is_the_client_s_400() {
         &broken_chunked("PATCH", &target, &graft.host(), "application/octet-stream"),
     );
     assert_client_blamed(&resp);
+}
+
+#[tokio::test]
+async fn a_chunked_blob_patch_cut_mid_chunk_is_the_client_s_400() {
+    let registry = Registry::start();
+    let graft = Graft::start(&registry);
+    let api = Api::for_graft(&graft);
+    let location = api.start_upload("app").await;
+    let target = location
+        .strip_prefix(&graft.url())
+        .unwrap_or(&location)
+        .to_string();
+    let request = format!(
+        "PATCH {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\n\r\n400\r\nonly a few bytes of a 1024-byte chunk",
+        graft.host()
+    );
+    assert_client_blamed(&raw_then_hang_up(graft.addr(), request.as_bytes()));
 }

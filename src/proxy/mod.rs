@@ -182,6 +182,11 @@ impl Proxy {
         client: &ClientSide,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, Error> {
+        if answers_with_location(&route, req.method()) && !client.has_origin() {
+            // Refused before forwarding: the upstream must not store what
+            // the client is then told failed.
+            return Err(crate::upstream::host_required());
+        }
         match route {
             Route::Health => Ok(health::healthz()),
             Route::Ready => Ok(health::readyz(self).await),
@@ -220,6 +225,18 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Writes whose success answer carries a `Location` on graft (manifest
+/// pushes, blob uploads: distribution-spec "Pushing blobs", "Pushing
+/// Manifests").
+fn answers_with_location(route: &Route, method: &Method) -> bool {
+    let writes = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    writes
+        && matches!(
+            route,
+            Route::Manifest { .. } | Route::UploadStart { .. } | Route::Upload { .. }
+        )
 }
 
 /// A body-less copy of a request's head (method, URI, headers), for the
