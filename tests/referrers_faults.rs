@@ -248,3 +248,30 @@ async fn a_healthy_upstream_leaves_no_mark_on_the_answer() {
     assert!(header_str(resp.headers(), "graft-referrers-source").is_none());
     assert_eq!(digests_of(&referrer_list(resp).await), vec![sig]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_client_is_answered_from_the_index_while_the_upstream_is_unreachable() {
+    let registry = Registry::start();
+    let front = Front::start(&registry);
+    let clock = Clock::skewable();
+    let graft = graft_on(&front, &clock);
+    let api = Api::for_graft(&graft);
+    let (subject, sig) = known_client_with_a_referrer(&api).await;
+    let path = format!("/v2/app/referrers/{subject}");
+
+    drop(front); // connections to the upstream are refused from now on
+    let resp = Api::send(api.get(&path)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        header_str(resp.headers(), "graft-referrers-source").as_deref(),
+        Some("index; upstream-unavailable")
+    );
+    assert_eq!(digests_of(&referrer_list(resp).await), vec![sig]);
+    let stranger = Api::for_graft(&graft).with_basic_auth("mallory", "guess");
+    assert_oci_error(
+        Api::send(stranger.get(&path)).await,
+        502,
+        Some("UNAVAILABLE"),
+    )
+    .await;
+}
