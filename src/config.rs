@@ -96,6 +96,10 @@ pub struct ServerConfig {
     /// Requests in flight (bodies included) at most; past it new requests
     /// are answered 503 `UNAVAILABLE` at once instead of queueing.
     pub max_concurrent_requests: usize,
+    /// The origin clients reach graft at (`https://registry.example.com`),
+    /// for `Location` and `Link` URLs when a request carries no valid
+    /// `Host`. `None`: such a request gets 400 when a URL must be built.
+    pub public_url: Option<String>,
 }
 
 /// `Debug` (and so any log line or panic that prints the configuration)
@@ -237,6 +241,11 @@ pub struct ReferrersConfig {
     /// Most (repository, subject, credentials) fallback-tag checks
     /// remembered for `tag_ttl` (about 0.5 KiB each).
     pub recent_checks_capacity: u64,
+    /// Largest fallback-tag index graft writes (the registry's manifest
+    /// limit; distribution's is 4 MiB): past it annotations are dropped
+    /// from the largest entries first, and a tag whose bare descriptors do
+    /// not fit is not written.
+    pub max_tag_bytes: usize,
 }
 
 const DAY: u64 = 86_400;
@@ -271,6 +280,7 @@ impl Default for Config {
                 body_timeout: Duration::from_secs(60),
                 max_connections: 1024,
                 max_concurrent_requests: 1024,
+                public_url: None,
             },
             upstream: UpstreamConfig {
                 url: "http://127.0.0.1:5000".into(),
@@ -296,6 +306,7 @@ impl Default for Config {
                 tag_ttl: Duration::ZERO,
                 page_size: 1000,
                 recent_checks_capacity: 10_000,
+                max_tag_bytes: 4 * 1024 * 1024,
             },
             cache: CacheConfig {
                 enabled: true,
@@ -506,6 +517,20 @@ const KEYS: &[(&str, Setter)] = &[
         c.referrers.recent_checks_capacity = parse_size_value(v)? as u64;
         Ok(())
     }),
+    // Issue 9 (hardening): where graft says it lives, how big a tag may grow.
+    ("server.public_url", |c, v| {
+        let url = parse_str(v)?.trim_end_matches('/');
+        c.server.public_url = (!url.is_empty()).then(|| url.to_string());
+        Ok(())
+    }),
+    ("referrers.max_tag_bytes", |c, v| {
+        let n = parse_size_value(v)?;
+        if n == 0 {
+            return Err("must be at least 1".into());
+        }
+        c.referrers.max_tag_bytes = n;
+        Ok(())
+    }),
     ("index.cache_bytes", |c, v| {
         c.index.cache_bytes = parse_size_value(v)? as u64;
         Ok(())
@@ -711,9 +736,28 @@ impl Config {
         if self.upstream.password.is_some() && self.upstream.username.is_none() {
             errors.push("`upstream.password` is set but `upstream.username` is not".into());
         }
+        if let Some(url) = &self.server.public_url {
+            if !is_origin(url) {
+                errors.push(format!(
+                    "`server.public_url`: `{url}` must be an origin (http(s)://host[:port]) without a path"
+                ));
+            }
+        }
         if self.server.max_manifest_bytes == 0 {
             errors.push("`server.max_manifest_bytes`: must be at least 1".into());
         }
+    }
+}
+
+/// Whether `url` is `http(s)://host[:port]`: no path, query or userinfo.
+fn is_origin(url: &str) -> bool {
+    match url.split_once("://") {
+        Some(("http" | "https", rest)) => {
+            !rest.is_empty()
+                && !rest.contains(['/', '?', '#', '@'])
+                && rest.parse::<http::uri::Authority>().is_ok()
+        }
+        _ => false,
     }
 }
 

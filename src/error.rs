@@ -59,6 +59,14 @@ pub enum Error {
     /// fallback-tag read or write, a referrer check) with this status.
     #[error("upstream registry answered {status} to {what}")]
     UpstreamRefused { status: StatusCode, what: String },
+    /// The upstream answered 429 to a request graft made on its own
+    /// account: the client gets 429 with the upstream's `Retry-After`, as
+    /// a passed-through answer would carry it.
+    #[error("upstream registry answered 429 to {what}")]
+    UpstreamThrottled {
+        retry_after: Option<HeaderValue>,
+        what: String,
+    },
     /// The upstream sent something graft cannot use (an oversized or cut
     /// body, a malformed index).
     #[error("upstream registry sent an unusable answer: {0}")]
@@ -86,6 +94,7 @@ impl Error {
             | Error::UpstreamTimeout(_)
             | Error::UpstreamStalled(_)
             | Error::UpstreamRefused { .. }
+            | Error::UpstreamThrottled { .. }
             | Error::UpstreamInvalid(_) => Blame::Upstream,
             Error::Overloaded | Error::Internal(_) | Error::Startup(_) => Blame::Internal,
         }
@@ -117,9 +126,27 @@ impl Error {
                 StatusCode::TOO_MANY_REQUESTS => (*status, ErrorCode::TooManyRequests),
                 _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             },
+            Error::UpstreamThrottled { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+            }
             Error::Internal(_) | Error::Startup(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown)
             }
+        }
+    }
+
+    /// Whether the upstream could not answer right now (unreachable, no
+    /// answer in time, a stalled body, a 5xx, a 429) — as opposed to an
+    /// answer about the request: the case where what graft already knows
+    /// may stand in for a client whose access is known.
+    pub fn is_upstream_outage(&self) -> bool {
+        match self {
+            Error::UpstreamUnreachable(_)
+            | Error::UpstreamTimeout(_)
+            | Error::UpstreamStalled(_)
+            | Error::UpstreamThrottled { .. } => true,
+            Error::UpstreamRefused { status, .. } => status.is_server_error(),
+            _ => false,
         }
     }
 
@@ -134,6 +161,7 @@ impl Error {
             Error::UpstreamRefused { status, .. } => {
                 format!("upstream registry answered {}", status.as_u16())
             }
+            Error::UpstreamThrottled { .. } => "upstream registry answered 429".into(),
             Error::UpstreamInvalid(_) => "upstream registry sent an unusable answer".into(),
             Error::Internal(_) | Error::Startup(_) => "internal error".into(),
             // Named one by one, so that a new variant has to decide here
@@ -175,7 +203,15 @@ impl Error {
             Blame::Client => serde_json::Value::Null,
             Blame::Upstream | Blame::Internal => serde_json::json!({ "request_id": request_id }),
         };
-        oci_error(status, code, &self.public_message(), detail)
+        let mut resp = oci_error(status, code, &self.public_message(), detail);
+        if let Error::UpstreamThrottled {
+            retry_after: Some(v),
+            ..
+        } = self
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 
@@ -332,6 +368,15 @@ mod tests {
                 Upstream,
             ),
             (Error::UpstreamInvalid(s()), 502, "UNAVAILABLE", Upstream),
+            (
+                Error::UpstreamThrottled {
+                    retry_after: None,
+                    what: s(),
+                },
+                429,
+                "TOOMANYREQUESTS",
+                Upstream,
+            ),
             (Error::Internal(s()), 500, "UNKNOWN", Internal),
             (Error::Startup(s()), 500, "UNKNOWN", Internal),
         ]
@@ -372,6 +417,23 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
         let id = json["errors"][0]["detail"]["request_id"].as_str();
         assert!(id.is_some_and(|id| !id.is_empty()), "{json}");
+    }
+
+    #[tokio::test]
+    async fn a_throttled_upstream_s_retry_after_reaches_the_client() {
+        let e = Error::UpstreamThrottled {
+            retry_after: Some(HeaderValue::from_static("17")),
+            what: "graft's HEAD of a fallback tag".into(),
+        };
+        assert!(e.is_upstream_outage());
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "17");
+        assert!(!Error::UpstreamRefused {
+            status: StatusCode::BAD_REQUEST,
+            what: "x".into()
+        }
+        .is_upstream_outage());
     }
 
     #[test]

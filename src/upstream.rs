@@ -108,20 +108,87 @@ pub struct ClientSide {
     peer: SocketAddr,
     /// `http` or `https`.
     scheme: &'static str,
-    /// The `Host` the client used (or HTTP/2 `:authority`).
+    /// The `Host` the client used (or HTTP/2 `:authority`), only when it is
+    /// a valid `host[:port]`: anything else must never be reflected.
     host: Option<String>,
+    /// `server.public_url`, the origin used when `host` is missing.
+    public_url: Option<String>,
 }
 
 impl ClientSide {
     /// `scheme` is `http` or `https`; `host` is the client's `Host` (or
-    /// HTTP/2 `:authority`).
-    pub fn new(peer: SocketAddr, scheme: &'static str, host: Option<String>) -> ClientSide {
-        ClientSide { peer, scheme, host }
+    /// HTTP/2 `:authority`), dropped unless valid; `public_url` is
+    /// `server.public_url`.
+    pub fn new(
+        peer: SocketAddr,
+        scheme: &'static str,
+        host: Option<String>,
+        public_url: Option<&str>,
+    ) -> ClientSide {
+        ClientSide {
+            peer,
+            scheme,
+            host: host.filter(|h| is_valid_host(h)),
+            public_url: public_url.map(str::to_string),
+        }
     }
 
-    fn origin(&self) -> Option<String> {
-        self.host.as_ref().map(|h| format!("{}://{h}", self.scheme))
+    /// Whether URLs pointing back at graft can be built for this client.
+    pub fn has_origin(&self) -> bool {
+        self.host.is_some() || self.public_url.is_some()
     }
+
+    /// The origin URLs pointing back at graft are built on: the client's
+    /// own `Host`, else `server.public_url`.
+    fn origin(&self) -> Option<String> {
+        match &self.host {
+            Some(h) => Some(format!("{}://{h}", self.scheme)),
+            None => self.public_url.clone(),
+        }
+    }
+}
+
+/// The client's error when a URL back to graft must be built and neither a
+/// valid `Host` nor `server.public_url` says where graft is.
+pub(crate) fn host_required() -> Error {
+    Error::BadRequest("a valid Host header is required to answer this request".into())
+}
+
+/// Whether `host` is a `Host` header graft may put into a URL (RFC 9110
+/// §7.2: `uri-host [ ":" port ]`): a registered name of letters, digits,
+/// `-`, `.` and `_`, or a bracketed IPv6 literal, and an optional port.
+/// No userinfo, no percent-encoding, nothing a URL would have to escape.
+pub(crate) fn is_valid_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, rest)) if addr.parse::<std::net::Ipv6Addr>().is_ok() => {
+                if rest.is_empty() {
+                    return true;
+                }
+                match rest.strip_prefix(':') {
+                    Some(p) => ("v6", Some(p)),
+                    None => return false,
+                }
+            }
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        },
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok()
+    });
+    name_ok && port_ok
 }
 
 impl Upstream {
@@ -289,11 +356,19 @@ impl Upstream {
         Ok(Request::from_parts(parts, body))
     }
 
-    /// Cleans an upstream response head before it goes to the client.
-    pub fn rewrite_response_headers(&self, headers: &mut HeaderMap, client: &ClientSide) {
+    /// Cleans an upstream response head before it goes to the client,
+    /// pointing `Location` and `Link` URLs on the upstream back at graft.
+    /// When such a URL is there but the request gave no valid `Host` (and
+    /// `server.public_url` is not set), the client is refused 400: the
+    /// upstream's own address must not reach it.
+    pub fn rewrite_response_headers(
+        &self,
+        headers: &mut HeaderMap,
+        client: &ClientSide,
+    ) -> Result<(), Error> {
         strip_hop_by_hop(headers);
         let Some(client_origin) = client.origin() else {
-            return;
+            return self.refuse_upstream_urls(headers);
         };
         if let Some(v) = headers.get(header::LOCATION) {
             if let Some(new) = rewrite_url(v.to_str().unwrap_or(""), &self.origin, &client_origin) {
@@ -318,6 +393,23 @@ impl Upstream {
                 headers.append(header::LINK, l);
             }
         }
+        Ok(())
+    }
+
+    /// With no origin to point them at, URLs on the upstream cannot be
+    /// rewritten: a 400, never the upstream's address.
+    fn refuse_upstream_urls(&self, headers: &HeaderMap) -> Result<(), Error> {
+        let location = headers
+            .get(header::LOCATION)
+            .is_some_and(|v| self.is_own_url(v.to_str().unwrap_or("")));
+        let link = headers
+            .get_all(header::LINK)
+            .iter()
+            .any(|v| rewrite_link(v.to_str().unwrap_or(""), &self.origin, "").is_some());
+        if location || link {
+            return Err(host_required());
+        }
+        Ok(())
     }
 }
 
@@ -384,13 +476,26 @@ fn add_forwarded(headers: &mut HeaderMap, client: &ClientSide) {
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme));
-    if let Some(h) = client
-        .host
-        .as_deref()
-        .and_then(|h| HeaderValue::from_str(h).ok())
-    {
-        headers.insert("x-forwarded-host", h);
+    // The upstream builds its absolute URLs from these: they name graft's
+    // origin (the valid `Host`, else `server.public_url`), or are removed so
+    // that the upstream's URLs name itself and are rewritten or refused.
+    let origin = client.origin();
+    let forwarded = origin.as_deref().and_then(|o| o.split_once("://"));
+    let values = forwarded.and_then(|(proto, host)| {
+        Some((
+            HeaderValue::from_str(proto).ok()?,
+            HeaderValue::from_str(host).ok()?,
+        ))
+    });
+    match values {
+        Some((proto, host)) => {
+            headers.insert("x-forwarded-proto", proto);
+            headers.insert("x-forwarded-host", host);
+        }
+        None => {
+            headers.remove("x-forwarded-proto");
+            headers.remove("x-forwarded-host");
+        }
     }
 }
 
@@ -566,6 +671,38 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("docker-content-digest"));
+    }
+
+    #[test]
+    fn only_a_plain_host_and_port_may_become_a_url() {
+        for ok in [
+            "graft",
+            "graft:5001",
+            "reg.example.com",
+            "127.0.0.1:80",
+            "[::1]:5001",
+            "[::1]",
+            "a_b",
+        ] {
+            assert!(is_valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ":5001",
+            "graft:",
+            "graft:99999",
+            "graft:5o01",
+            "a b",
+            "evil%2f",
+            "u@evil",
+            "evil/x",
+            "[::1",
+            "[nope]:1",
+            "[::1]x",
+            "é.example",
+        ] {
+            assert!(!is_valid_host(bad), "{bad}");
+        }
     }
 
     #[test]

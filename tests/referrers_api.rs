@@ -602,3 +602,145 @@ async fn a_referrer_deleted_straight_at_the_upstream_is_not_brought_back() {
     let list = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
     assert_eq!(list, vec![expected_descriptor(&sbom)]);
 }
+
+/// A manifest with one annotation of `bytes` bytes.
+fn with_big_annotation(subject: &Subject, kind: &str, bytes: usize) -> Vec<u8> {
+    artifact(
+        subject,
+        Some(kind),
+        None,
+        Some(json!({ "com.example.blob": "a".repeat(bytes) })),
+    )
+    .to_vec()
+}
+
+/// The upstream's fallback tag of `subject`, read straight from the registry.
+async fn upstream_tag(registry: &Registry, subject: &Subject) -> Vec<serde_json::Value> {
+    let resp = Api::send(
+        Api::for_registry(registry)
+            .get(&format!("/v2/app/manifests/{}", subject.fallback_tag()))
+            .header("accept", INDEX),
+    )
+    .await;
+    let resp = common::api::expect_status(resp, StatusCode::OK, "GET fallback tag upstream").await;
+    let body: serde_json::Value = resp.json().await.expect("index JSON");
+    body["manifests"].as_array().expect("manifests").clone()
+}
+
+/// Stops graft and reads the fallback-tag writes its index still owes: an
+/// owed write is retried by recovery every 30 s, so any left is a loop.
+fn owed_after_shutdown(mut graft: Graft) -> usize {
+    graft.begin_shutdown();
+    graft
+        .wait_stopped(std::time::Duration::from_secs(30))
+        .expect("graft stops cleanly");
+    let index = graft::index::Index::open(&graft.data_dir().join("index")).expect("index");
+    let owed = index.intents().owed_tag_writes().expect("owed writes");
+    owed.len()
+}
+
+#[tokio::test]
+async fn a_fallback_tag_past_the_registry_s_limit_keeps_every_referrer_without_its_largest_annotations(
+) {
+    let registry = Registry::start();
+    let graft = Graft::start(&registry);
+    let api = Api::for_graft(&graft);
+    let subject = push_subject(&api, "app", "v1").await;
+    // 100 000 annotations (~3.5 MB), one 3 MiB annotation, one 1.5 MiB
+    // one: each manifest fits distribution's 4 MiB, all three together
+    // do not.
+    let many: serde_json::Map<String, serde_json::Value> = (0..100_000)
+        .map(|i| (format!("com.example.k{i:06}"), json!("vvvvvvvvvv")))
+        .collect();
+    let many = artifact(
+        &subject,
+        Some("application/vnd.example.many"),
+        None,
+        Some(many.into()),
+    );
+    let huge = with_big_annotation(&subject, "application/vnd.example.huge", 3 << 20);
+    let large = with_big_annotation(&subject, "application/vnd.example.large", 3 << 19);
+    for m in [&many[..], &huge, &large] {
+        push_referrer(&api, "app", m, MANIFEST).await;
+    }
+
+    // graft's API keeps every annotation.
+    let listed = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
+    let mut want: Vec<_> = [&many[..], &huge, &large]
+        .iter()
+        .map(|m| expected_descriptor(m))
+        .collect();
+    want.sort_by_key(|d| d["digest"].as_str().map(str::to_owned));
+    assert_eq!(listed, want);
+
+    // The tag lists all three, fits the limit, and lost the annotations of
+    // the two largest entries only.
+    let tag = upstream_tag(&registry, &subject).await;
+    assert_eq!(digests_of(&tag), digests_of(&want));
+    for d in &tag {
+        let full = want
+            .iter()
+            .find(|w| w["digest"] == d["digest"])
+            .expect("listed");
+        for field in ["mediaType", "size", "artifactType"] {
+            assert_eq!(d[field], full[field], "{field}");
+        }
+        let kept = d.get("annotations").is_some();
+        assert_eq!(
+            kept,
+            full["artifactType"] == "application/vnd.example.large",
+            "annotations of {}",
+            full["artifactType"]
+        );
+    }
+    let dropped = common::read_metric(&api, "graft_referrers_tag_annotations_dropped_total").await;
+    assert!(dropped.is_some_and(|n| n >= 2), "{dropped:?}");
+    assert_eq!(owed_after_shutdown(graft), 0, "no tag write left to retry");
+}
+
+#[tokio::test]
+async fn a_fallback_tag_whose_bare_descriptors_do_not_fit_is_not_written_nor_retried() {
+    let registry = Registry::start();
+    // Room for two bare descriptors (~200 bytes each), not three.
+    let graft = Graft::start_with(&registry, |c| c.referrers.max_tag_bytes = 600);
+    let api = Api::for_graft(&graft);
+    let subject = push_subject(&api, "app", "v1").await;
+    let sigs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|k| {
+            artifact(
+                &subject,
+                Some(&format!("application/vnd.example.{k}")),
+                None,
+                None,
+            )
+        })
+        .collect();
+    for s in &sigs {
+        push_referrer(&api, "app", s, MANIFEST).await;
+    }
+    let listed = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
+    assert_eq!(listed.len(), 3, "graft's API lists every referrer");
+    assert_eq!(upstream_tag(&registry, &subject).await.len(), 2);
+    let too_large = common::read_metric(&api, "graft_referrers_tag_too_large_total").await;
+    assert!(too_large.is_some_and(|n| n >= 1), "{too_large:?}");
+    assert_eq!(owed_after_shutdown(graft), 0, "no tag write left to retry");
+}
+
+#[tokio::test]
+async fn a_fallback_tag_the_registry_refuses_is_not_retried_unchanged() {
+    let registry = Registry::start();
+    // A limit above distribution's own 4 MiB: the registry refuses the tag.
+    let graft = Graft::start_with(&registry, |c| c.referrers.max_tag_bytes = 64 << 20);
+    let api = Api::for_graft(&graft);
+    let subject = push_subject(&api, "app", "v1").await;
+    let a = with_big_annotation(&subject, "application/vnd.example.a", 3 << 20);
+    let b = with_big_annotation(&subject, "application/vnd.example.b", 3 << 20);
+    push_referrer(&api, "app", &a, MANIFEST).await;
+    push_referrer(&api, "app", &b, MANIFEST).await;
+    let listed = referrer_list(referrers(&api, "app", &subject.digest, "").await).await;
+    assert_eq!(listed.len(), 2);
+    let refused = common::read_metric(&api, "graft_referrers_tag_writes_refused_total").await;
+    assert!(refused.is_some_and(|n| n >= 1), "{refused:?}");
+    assert_eq!(owed_after_shutdown(graft), 0, "no tag write left to retry");
+}

@@ -108,6 +108,7 @@ impl Proxy {
             "Fallback-tag checks remembered in memory (referrers.tag_ttl).",
             move || r.upgrade().map_or(0, |r| r.recent_checks()),
         );
+        register_tag_size_metrics(&metrics, &referrers);
         if let Some(cache) = &cache {
             register_cache_metrics(&metrics, cache);
         }
@@ -157,7 +158,8 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let client = ClientSide::new(peer, scheme, host);
+        let public_url = self.config.server.public_url.as_deref();
+        let client = ClientSide::new(peer, scheme, host, public_url);
         let route = Route::parse(req.uri().path());
         let kind = route.as_ref().map(Route::kind).unwrap_or("invalid");
         let mut outcome = Outcome::default();
@@ -182,6 +184,11 @@ impl Proxy {
         client: &ClientSide,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, Error> {
+        if answers_with_location(&route, req.method()) && !client.has_origin() {
+            // Refused before forwarding: the upstream must not store what
+            // the client is then told failed.
+            return Err(crate::upstream::host_required());
+        }
         match route {
             Route::Health => Ok(health::healthz()),
             Route::Ready => Ok(health::readyz(self).await),
@@ -235,6 +242,18 @@ impl Proxy {
     }
 }
 
+/// Writes whose success answer carries a `Location` on graft (manifest
+/// pushes, blob uploads: distribution-spec "Pushing blobs", "Pushing
+/// Manifests").
+fn answers_with_location(route: &Route, method: &Method) -> bool {
+    let writes = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    writes
+        && matches!(
+            route,
+            Route::Manifest { .. } | Route::UploadStart { .. } | Route::Upload { .. }
+        )
+}
+
 /// A body-less copy of a request's head (method, URI, headers), for the
 /// requests graft derives from a client's: probes, HEADs, fetches by digest.
 pub(crate) fn head_only<B>(req: &Request<B>) -> Request<Body> {
@@ -266,6 +285,28 @@ fn register_owned_metrics(metrics: &Metrics, index: &Index, access: &Arc<AccessC
         "graft_auth_remembered_entries",
         "(credentials, repository) authorizations remembered in memory.",
         move || a.upgrade().map_or(0, |a| a.remembered()),
+    );
+}
+
+/// What the fallback-tag size rule did, read at scrape time.
+fn register_tag_size_metrics(metrics: &Metrics, referrers: &Arc<Referrers>) {
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_annotations_dropped",
+        "Referrer descriptors written to a fallback tag without their annotations (referrers.max_tag_bytes).",
+        move || r.upgrade().map_or(0, |r| r.tag_size().annotations_dropped()),
+    );
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_too_large",
+        "Fallback-tag writes not attempted: the bare descriptors exceed referrers.max_tag_bytes.",
+        move || r.upgrade().map_or(0, |r| r.tag_size().too_large()),
+    );
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_writes_refused",
+        "Fallback-tag writes the registry refused with 400 or 413, not retried unchanged.",
+        move || r.upgrade().map_or(0, |r| r.tag_size().refused()),
     );
 }
 

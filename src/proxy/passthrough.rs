@@ -21,6 +21,6 @@ pub(crate) async fn forward(
     let (mut parts, incoming) = resp.into_parts();
     proxy
         .upstream
-        .rewrite_response_headers(&mut parts.headers, client);
+        .rewrite_response_headers(&mut parts.headers, client)?;
     Ok(Response::from_parts(parts, body::boxed(incoming)))
 }

@@ -130,7 +130,7 @@ async fn fetch(
                     // redirect…): the client gets the upstream's answer as
                     // is; dropping the miss lets followers ask for themselves.
                     drop(miss);
-                    return Ok(as_is(proxy, resp, client));
+                    return as_is(proxy, resp, client);
                 }
                 proxy.access.remember_yes(&name, cred);
                 match miss.fill(resp, proxy.upstream.body_timeout()).await {
@@ -138,7 +138,7 @@ async fn fetch(
                     Err(unfilled) => {
                         let (error, resp) = unfilled.into_parts();
                         tracing::warn!(%digest, %error, "the cache cannot take this content; streaming it uncached");
-                        return Ok(as_is(proxy, resp, client));
+                        return as_is(proxy, resp, client);
                     }
                 }
             }
@@ -148,12 +148,16 @@ async fn fetch(
 }
 
 /// The upstream's answer, passed to the client as it came.
-fn as_is(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Response<Body> {
+fn as_is(
+    proxy: &Proxy,
+    resp: Response<Incoming>,
+    client: &ClientSide,
+) -> Result<Response<Body>, Error> {
     let (mut parts, incoming) = resp.into_parts();
     proxy
         .upstream
-        .rewrite_response_headers(&mut parts.headers, client);
-    Response::from_parts(parts, body::boxed(incoming))
+        .rewrite_response_headers(&mut parts.headers, client)?;
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
 }
 
 fn streamed(kind: Kind, digest: &Digest, streaming: Streaming) -> Response<Body> {

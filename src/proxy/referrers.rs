@@ -2,6 +2,13 @@
 //! Referrers"): always 200 with an image index, never 404 for an unknown
 //! subject; `artifactType` filtering with `OCI-Filters-Applied`; pagination
 //! with `Link: <…>; rel="next"`.
+//!
+//! When the upstream cannot answer the fallback-tag check right now (a
+//! 5xx, a 429, a timeout, no connection), a client whose access to the
+//! repository graft already knows (a yes within `cache.max_stale`, the rule
+//! cached pulls follow) is answered from the index, marked by
+//! `Graft-Referrers-Source: index; upstream-unavailable`; any other client
+//! gets the upstream's trouble (429 with its `Retry-After`, else 502/504).
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -29,15 +36,35 @@ pub(crate) async fn handle(
     }
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let auth = req.headers().get(header::AUTHORIZATION);
-    let all = match proxy.referrers.list(&name, &subject, auth).await? {
-        Access::Denied(d) => return Ok(denied(d)),
-        Access::Granted(list) => list,
+    let cred = proxy.access.key(auth);
+    let (all, from_index) = match proxy.referrers.list(&name, &subject, auth).await {
+        Ok(Access::Denied(d)) => {
+            // A no always stands and forgets a remembered yes.
+            proxy.access.forget(&name, cred);
+            return Ok(denied(d));
+        }
+        Ok(Access::Granted(list)) => (list, false),
+        Err(e) if e.is_upstream_outage() && proxy.access.stale_yes(&name, cred).await => {
+            tracing::warn!(repo = %name, %subject, error = %e, "fallback tag unreadable; referrers answered from the index");
+            (proxy.referrers.list_indexed(&name, &subject).await?, true)
+        }
+        Err(e) => return Err(e),
     };
     let page_size = proxy.referrers.config().page_size;
     let page = Page::of(all, &query, page_size);
     let with_body = req.method() != Method::HEAD;
-    Ok(page.into_response(&name, &subject, &query, with_body))
+    let mut resp = page.into_response(&name, &subject, &query, with_body);
+    if from_index {
+        resp.headers_mut()
+            .insert(SOURCE, HeaderValue::from_static(FROM_INDEX));
+    }
+    Ok(resp)
 }
+
+/// Marks an answer graft gave from its index alone: the upstream's fallback
+/// tag could not be read, so referrers only the tag lists may be missing.
+const SOURCE: header::HeaderName = header::HeaderName::from_static("graft-referrers-source");
+const FROM_INDEX: &str = "index; upstream-unavailable";
 
 /// The upstream's own answer when it serves the referrers API (mode
 /// `passthrough`, or `auto` once learnt), or when the one-time probe of

@@ -143,7 +143,7 @@ async fn head_tag(
             continue;
         }
         if !status.is_success() {
-            return Err(refused(status, &path, "HEAD"));
+            return Err(refused(&head, &path, "HEAD"));
         }
         let digest = head
             .headers()
@@ -156,11 +156,16 @@ async fn head_tag(
 }
 
 /// The upstream's non-success answer to graft's own fallback-tag request:
-/// its answer (a 429 stays a 429, a 5xx becomes a 502), never graft's 500.
-pub(super) fn refused(status: StatusCode, path: &str, method: &str) -> Error {
-    Error::UpstreamRefused {
-        status,
-        what: format!("graft's {method} {path}"),
+/// its answer (a 429 stays a 429 with its `Retry-After`, a 5xx becomes a
+/// 502), never graft's 500.
+pub(super) fn refused<B>(resp: &Response<B>, path: &str, method: &str) -> Error {
+    let what = format!("graft's {method} {path}");
+    match resp.status() {
+        StatusCode::TOO_MANY_REQUESTS => Error::UpstreamThrottled {
+            retry_after: resp.headers().get(header::RETRY_AFTER).cloned(),
+            what,
+        },
+        status => Error::UpstreamRefused { status, what },
     }
 }
 
@@ -199,7 +204,7 @@ async fn get_tag(
         return Ok(Access::Granted(None));
     }
     if !status.is_success() {
-        return Err(refused(status, path, "GET"));
+        return Err(refused(&resp, path, "GET"));
     }
     let bytes = read_tag_body(r, resp.into_body()).await?;
     Ok(Access::Granted(Some(TagRead::parse(&bytes)?)))

@@ -17,6 +17,7 @@
 pub(crate) mod fallback;
 mod ingest;
 mod recover;
+mod tag_fit;
 mod tag_write;
 mod writer;
 
@@ -84,6 +85,8 @@ pub struct Referrers {
     /// mid-forward (client gone) never clears its entry, so it expires and
     /// recovery settles the intent by asking the upstream.
     in_flight: moka::sync::Cache<(RepoName, Digest), ()>,
+    /// What the fallback-tag size rule did (`referrers.max_tag_bytes`).
+    tag_size: tag_fit::TagSizeCounters,
 }
 
 /// Longer than any forward can take (a buffered manifest, bounded by
@@ -97,6 +100,11 @@ impl Referrers {
     /// `referrers.recent_checks_capacity`), for `/metrics`.
     pub fn recent_checks(&self) -> u64 {
         self.recent.len()
+    }
+
+    /// What the fallback-tag size rule did, for `/metrics`.
+    pub(crate) fn tag_size(&self) -> &tag_fit::TagSizeCounters {
+        &self.tag_size
     }
 
     pub fn new(
@@ -128,6 +136,7 @@ impl Referrers {
             cfg,
             own_auth,
             keys,
+            tag_size: tag_fit::TagSizeCounters::default(),
         })
     }
 
@@ -194,6 +203,21 @@ impl Referrers {
             })
             .await?;
         Ok(Access::Granted(listed))
+    }
+
+    /// The referrers of `subject` in `repo` the index holds, without asking
+    /// the upstream: only for a client whose access graft already knows
+    /// (the caller's check), while the fallback tag cannot be read.
+    pub async fn list_indexed(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<Descriptor>, Error> {
+        let (repo, subject) = (repo.clone(), subject.clone());
+        Ok(self
+            .index
+            .blocking(move |ix| ix.referrers().list(&repo, &subject))
+            .await?)
     }
 
     /// Before a push with `subject` is forwarded: record the intent durably,

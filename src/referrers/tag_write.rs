@@ -9,6 +9,7 @@ use http::{Method, StatusCode};
 
 use super::fallback::{self, TagRead};
 use super::ingest::Holder;
+use super::tag_fit::{self, Fit, TagSizeCounters};
 use super::{subject_of_tag, Access, Referrers};
 use crate::error::Error;
 use crate::oci::{media, Descriptor, Digest, ImageIndex, RepoName};
@@ -70,13 +71,29 @@ impl Referrers {
             Access::Granted(t) => t,
         };
         let (entries, complete) = self.merged(repo, subject, current.as_ref(), auth).await?;
+        let Some(entries) = self.fit_tag(repo, subject, entries) else {
+            // Not attempted, and not owed: the same entries would not fit
+            // on any retry (the next change to them tries again).
+            return Ok(());
+        };
         let unchanged = current.as_ref().is_some_and(|t| {
             t.index.len() == entries.len() && entries.iter().all(|k| t.index.iter().any(|m| m == k))
         });
         if unchanged {
             return Ok(());
         }
-        let digest = self.put_tag(repo, subject, entries, auth).await?;
+        let digest = match self.put_tag(repo, subject, entries, auth).await {
+            Err(Error::UpstreamRefused { status, what })
+                if status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                // The same bytes would be refused again: not owed further
+                // (the next change to this subject's referrers tries anew).
+                TagSizeCounters::add(&self.tag_size.refused, 1);
+                tracing::warn!(%repo, %subject, %status, %what, "the registry refused the fallback tag; not retrying it unchanged");
+                return Ok(());
+            }
+            written => written?,
+        };
         if complete {
             // Otherwise the next query must read the tag again, to judge
             // what could not be judged now.
@@ -90,6 +107,34 @@ impl Referrers {
         }
         self.index.flush().await?;
         Ok(())
+    }
+
+    /// Applies the size rule (`tag_fit`) to the entries of the tag of
+    /// `subject`: the entries to write, or `None` when even the bare
+    /// descriptors exceed `referrers.max_tag_bytes`. Either way with a
+    /// warning and a count when it had to act.
+    fn fit_tag(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        entries: Vec<Descriptor>,
+    ) -> Option<Vec<Descriptor>> {
+        let limit = self.cfg.max_tag_bytes;
+        let count = entries.len();
+        match tag_fit::fit(entries, limit) {
+            Fit::Fits { entries, stripped } => {
+                if stripped > 0 {
+                    TagSizeCounters::add(&self.tag_size.annotations_dropped, stripped);
+                    tracing::warn!(%repo, %subject, stripped, limit, "fallback tag too large with every annotation; written without the largest entries' annotations (graft's API keeps them)");
+                }
+                Some(entries)
+            }
+            Fit::TooLarge { bare_bytes } => {
+                TagSizeCounters::add(&self.tag_size.too_large, 1);
+                tracing::warn!(%repo, %subject, referrers = count, bare_bytes, limit, "fallback tag would exceed referrers.max_tag_bytes even without annotations; not written (graft's API lists every referrer)");
+                None
+            }
+        }
     }
 
     /// The entries the tag should hold: what the index knows after
@@ -143,7 +188,7 @@ impl Referrers {
             .call(Method::PUT, &path, auth, &ct, bytes)
             .await?;
         if !resp.status().is_success() {
-            return Err(fallback::refused(resp.status(), &path, "PUT"));
+            return Err(fallback::refused(&resp, &path, "PUT"));
         }
         Ok(digest)
     }
