@@ -116,7 +116,7 @@ pub(crate) async fn handle(
     outcome.upstream = Some(started.elapsed());
     let tags = match listing? {
         Ok(tags) => tags,
-        Err(refusal) => return Ok(as_is(proxy, refusal, client)),
+        Err(refusal) => return as_is(proxy, refusal, client),
     };
     let (tags, more) = page.cut(&tags);
     let json = serde_json::to_vec(&Answer {
@@ -227,12 +227,16 @@ fn next_target(link: &str) -> Option<&str> {
 }
 
 /// The upstream's answer, passed to the client as it came.
-fn as_is(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Response<Body> {
+fn as_is(
+    proxy: &Proxy,
+    resp: Response<Incoming>,
+    client: &ClientSide,
+) -> Result<Response<Body>, Error> {
     let (mut parts, incoming) = resp.into_parts();
     proxy
         .upstream
-        .rewrite_response_headers(&mut parts.headers, client);
-    Response::from_parts(parts, body::boxed(incoming))
+        .rewrite_response_headers(&mut parts.headers, client)?;
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
 }
 
 #[cfg(test)]
