@@ -41,6 +41,11 @@ pub enum Error {
     ManifestTooLarge { limit: usize },
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The upstream took a pushed blob under another digest than the one
+    /// the client asked for (distribution 2.8 stores `sha512:` uploads as
+    /// sha256): refused, never a silent substitution.
+    #[error("{}", digest_not_kept(asked, stored))]
+    DigestNotKept { asked: String, stored: String },
     #[error("not found")]
     NotFound,
     /// graft is at its configured request or connection cap.
@@ -79,6 +84,7 @@ impl Error {
             | Error::ManifestInvalid(_)
             | Error::ManifestTooLarge { .. }
             | Error::BadRequest(_)
+            | Error::DigestNotKept { .. }
             | Error::NotFound => Blame::Client,
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout(_)
@@ -92,7 +98,9 @@ impl Error {
     fn parts(&self) -> (StatusCode, ErrorCode) {
         match self {
             Error::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-            Error::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            Error::DigestInvalid(_) | Error::DigestNotKept { .. } => {
+                (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid)
+            }
             Error::ReferenceInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
             Error::ManifestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
             Error::ManifestTooLarge { .. } => {
@@ -142,6 +150,7 @@ impl Error {
             | Error::ManifestInvalid(_)
             | Error::ManifestTooLarge { .. }
             | Error::BadRequest(_)
+            | Error::DigestNotKept { .. }
             | Error::NotFound
             | Error::Overloaded => self.to_string(),
         }
@@ -174,6 +183,18 @@ impl Error {
             Blame::Upstream | Blame::Internal => serde_json::json!({ "request_id": request_id }),
         };
         oci_error(status, code, &self.public_message(), detail)
+    }
+}
+
+fn digest_not_kept(asked: &str, stored: &str) -> String {
+    let algorithm = |d: &str| d.split(':').next().unwrap_or("").to_string();
+    if algorithm(asked) == algorithm(stored) {
+        format!("the upstream registry stored this blob as {stored}, not {asked}")
+    } else {
+        format!(
+            "the upstream registry does not support digest algorithm {}: it stored this blob as {stored}, not {asked}",
+            algorithm(asked)
+        )
     }
 }
 
@@ -283,6 +304,15 @@ mod tests {
             (Error::NameInvalid("A".into()), 400, "NAME_INVALID", Client),
             (
                 Error::DigestInvalid("x".into()),
+                400,
+                "DIGEST_INVALID",
+                Client,
+            ),
+            (
+                Error::DigestNotKept {
+                    asked: "sha512:ab".into(),
+                    stored: "sha256:cd".into(),
+                },
                 400,
                 "DIGEST_INVALID",
                 Client,

@@ -119,6 +119,11 @@ impl ClientSide {
         ClientSide { peer, scheme, host }
     }
 
+    /// The client's address (anonymous clients are told apart by it).
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
     fn origin(&self) -> Option<String> {
         self.host.as_ref().map(|h| format!("{}://{h}", self.scheme))
     }
