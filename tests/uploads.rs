@@ -71,26 +71,27 @@ async fn a_chunk_that_does_not_continue_the_upload_gets_416_and_the_upload_recov
     let graft = Graft::start(&registry);
     let api = Api::for_graft(&graft);
     let data = random_bytes(30_000);
-    let at = api.start_upload("app").await;
+    let at0 = api.start_upload("app").await;
     let first = expect_status(
-        patch(&api, &at, 0, &data[..10_000]).await,
+        patch(&api, &at0, 0, &data[..10_000]).await,
         StatusCode::ACCEPTED,
         "first chunk",
     )
     .await;
-    let at = location(&first);
+    let at1 = location(&first);
 
     // Out of order: it skips bytes.
-    let skip = patch(&api, &at, 20_000, &data[20_000..]).await;
-    let at2 = assert_status(&skip, &graft, StatusCode::RANGE_NOT_SATISFIABLE, "0-9999");
-    // The previous chunk again (with the latest Location, and with the one before).
-    for at in [&at, &at2] {
+    let skip = patch(&api, &at1, 20_000, &data[20_000..]).await;
+    let told = assert_status(&skip, &graft, StatusCode::RANGE_NOT_SATISFIABLE, "0-9999");
+    assert_eq!(told, at1, "the 416 points at the latest Location");
+    // The previous chunk again, with the latest Location and with the POST's.
+    for at in [&at1, &at0] {
         let again = patch(&api, at, 0, &data[..10_000]).await;
         assert_status(&again, &graft, StatusCode::RANGE_NOT_SATISFIABLE, "0-9999");
     }
     // A Content-Range that is no range at all.
     let req = api
-        .request(Method::PATCH, &at)
+        .request(Method::PATCH, &at1)
         .header("content-type", "application/octet-stream")
         .header("content-range", "bytes=oops")
         .body(data[10_000..20_000].to_vec());
@@ -101,8 +102,10 @@ async fn a_chunk_that_does_not_continue_the_upload_gets_416_and_the_upload_recov
         "0-9999",
     );
 
-    // The client resumes where the 416 said, and the blob is intact.
-    let second = patch(&api, &at2, 10_000, &data[10_000..20_000]).await;
+    // The client resumes where the 416 said, even with the POST's Location
+    // (distribution alone answers 404 to a Location a chunk old), and the
+    // blob is intact.
+    let second = patch(&api, &at0, 10_000, &data[10_000..20_000]).await;
     let second = expect_status(second, StatusCode::ACCEPTED, "resumed chunk").await;
     assert_eq!(
         header_str(second.headers(), "range").as_deref(),
@@ -112,6 +115,12 @@ async fn a_chunk_that_does_not_continue_the_upload_gets_416_and_the_upload_recov
     let done = put(&api, &location(&second), &digest, &data[20_000..]).await;
     expect_status(done, StatusCode::CREATED, "final PUT with the last chunk").await;
     assert_eq!(api.get_blob("app", &digest).await, data);
+    settle(&registry).await;
+    assert_eq!(
+        registry.count_requests("GET", &format!("/v2/app/blobs/{digest}")),
+        0,
+        "the refused chunks left the write-through copy intact"
+    );
     let direct = Api::for_registry(&registry);
     assert_eq!(
         direct.get_blob("app", &digest).await,
@@ -297,6 +306,18 @@ async fn a_digest_the_upstream_stores_under_another_algorithm_is_refused_and_not
     for api in [Api::for_registry(&registry), Api::for_graft(&graft)] {
         let resp = Api::send(api.get(&format!("/v2/algo/blobs/{unknown}"))).await;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{}", api.base_url());
+    }
+
+    // A monolithic POST with a sha512 digest: distribution opens a session
+    // instead (202), through graft as straight at it.
+    for api in [Api::for_registry(&registry), Api::for_graft(&graft)] {
+        let post = api
+            .request(Method::POST, "/v2/algo/blobs/uploads/")
+            .query(&[("digest", sha512.as_str())])
+            .header("content-type", "application/octet-stream")
+            .body(data.clone());
+        let post = Api::send(post).await;
+        assert_eq!(post.status(), StatusCode::ACCEPTED, "{}", api.base_url());
     }
 
     // A sha256 push is untouched.

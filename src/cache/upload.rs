@@ -127,6 +127,11 @@ impl Session {
         self.lock().location.clone()
     }
 
+    /// The `_state` graft handed out last.
+    pub(crate) fn latest_state(&self) -> Option<String> {
+        self.lock().states.back().cloned()
+    }
+
     /// Whether `state` is a `_state` graft handed out for this session.
     pub(crate) fn issued(&self, state: &str) -> bool {
         self.lock().states.iter().any(|s| s == state)

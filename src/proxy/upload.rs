@@ -134,11 +134,14 @@ async fn send_bytes(
         if content_range(range).is_none_or(|(start, _)| start != offset) {
             let mut resp = status(session, id, offset);
             *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             return Ok(resp);
         }
     }
     let is_put = req.method() == Method::PUT;
     let digest = Query::of(&req).digest;
+    let req = with_latest_state(req, session);
     session.unsure();
     let (req, teed) = tee(req, session);
     let resp = match passthrough::forward(proxy, req, client, outcome).await {
@@ -194,6 +197,30 @@ fn may_answer(session: &Session, owner: &Owner, req: &Request<Body>) -> bool {
     state.is_some_and(|s| session.issued(&s))
 }
 
+/// Points a request at the session's latest `_state`: its owner proved
+/// itself with an earlier one graft handed out, and distribution takes
+/// only the latest (it answers 404 to the rest).
+fn with_latest_state(mut req: Request<Body>, session: &Session) -> Request<Body> {
+    let (Some(latest), Some(raw)) = (session.latest_state(), req.uri().query()) else {
+        return req;
+    };
+    let mut target = req.uri().path().to_string();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        if pair.split('=').next() == Some("_state") {
+            query::append(&mut target, "_state", &latest);
+        } else {
+            target.push(if target.contains('?') { '&' } else { '?' });
+            target.push_str(pair);
+        }
+    }
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = target.parse().ok();
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req
+}
+
 /// Forgets upload `id` (graft no longer answers for it) and its tee.
 async fn forget(cache: &Arc<ContentCache>, id: &str) {
     if let Some(session) = cache.upload(id, true) {
@@ -203,7 +230,8 @@ async fn forget(cache: &Arc<ContentCache>, id: &str) {
 
 /// The session's status as the spec words it: `Location`, `Range:
 /// 0-<offset-1>` (`0-0` when empty, as distribution answers), the
-/// upload's id; 204 (the caller turns it into a 416).
+/// upload's id; 204 (the caller turns it into a 416). No `Content-Length`
+/// on a 204 (RFC 9110 §8.6).
 fn status(session: &Session, id: &str, offset: u64) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -218,7 +246,6 @@ fn status(session: &Session, id: &str, offset: u64) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(id) {
         h.insert(UPLOAD_UUID, v);
     }
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     resp
 }
 
