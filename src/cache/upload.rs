@@ -298,6 +298,12 @@ async fn write(session: Arc<Session>, mut rx: mpsc::Receiver<Msg>) {
                         .await
                         .ok();
                         session.lock().writer = w;
+                        // Forgotten meanwhile: the file goes now, on this
+                        // pool, not when the last handle drops.
+                        if !session.teeing() {
+                            let w = session.lock().writer.take();
+                            discard(w).await;
+                        }
                     }
                     w => discard(w).await,
                 }

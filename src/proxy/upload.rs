@@ -186,7 +186,8 @@ fn owner_of(proxy: &Proxy, req: &Request<Body>, client: &ClientSide) -> Owner {
 
 /// Whether graft may answer for `session` to this request: the client that
 /// started it, with a `_state` graft handed out for it (distribution signs
-/// it; holding one is what the upstream asks of a client too).
+/// it; holding one is what the upstream asks of a client too). In front of
+/// a registry that hands out none, the session's URL is all it asks for.
 fn may_answer(session: &Session, owner: &Owner, req: &Request<Body>) -> bool {
     if session.owner() != owner {
         return false;
@@ -194,7 +195,10 @@ fn may_answer(session: &Session, owner: &Owner, req: &Request<Body>) -> bool {
     let state = query::pairs(req.uri().query().unwrap_or(""))
         .find(|(k, _)| *k == "_state")
         .map(|(_, v)| v.into_owned());
-    state.is_some_and(|s| session.issued(&s))
+    match state {
+        Some(s) => session.issued(&s),
+        None => session.latest_state().is_none(),
+    }
 }
 
 /// Points a request at the session's latest `_state`: its owner proved
