@@ -43,8 +43,8 @@ pub struct CacheConfig {
     /// forgotten and asked about again (offline, read back from the index).
     /// Bounds memory however many distinct tokens clients use.
     pub auth_cache_capacity: u64,
-    /// Blob uploads teed into the cache at once; past it the oldest
-    /// session's tee is dropped (the upload itself passes through).
+    /// Blob upload sessions graft keeps (state and cache tee) at once; past
+    /// it the least recently active is forgotten (its upload passes through).
     pub max_upload_sessions: usize,
     /// How long an upload session is teed before it counts as abandoned.
     pub upload_session_ttl: Duration,
