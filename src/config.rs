@@ -43,11 +43,18 @@ pub struct CacheConfig {
     /// forgotten and asked about again (offline, read back from the index).
     /// Bounds memory however many distinct tokens clients use.
     pub auth_cache_capacity: u64,
-    /// Blob uploads teed into the cache at once; past it the oldest
-    /// session's tee is dropped (the upload itself passes through).
+    /// Blob upload sessions graft keeps (state and cache tee) at once; past
+    /// it the least recently active is forgotten (its upload passes through).
     pub max_upload_sessions: usize,
     /// How long an upload session is teed before it counts as abandoned.
     pub upload_session_ttl: Duration,
+    /// Upload sessions one client (credentials, or address when anonymous)
+    /// keeps at once; past it its own least recently active is forgotten
+    /// (its upload passes through uncached).
+    pub max_upload_sessions_per_client: usize,
+    /// An upload session with no request for this long is forgotten and
+    /// its temp file deleted (its upload passes through from then on).
+    pub upload_idle_timeout: Duration,
 }
 
 /// How the index's traffic-grown trees are pruned (see `index::prune`):
@@ -317,6 +324,8 @@ impl Default for Config {
                 auth_cache_capacity: 65_536,
                 max_upload_sessions: 256,
                 upload_session_ttl: Duration::from_secs(3600),
+                max_upload_sessions_per_client: 32,
+                upload_idle_timeout: Duration::from_secs(600),
             },
             index: IndexConfig {
                 cache_bytes: DEFAULT_INDEX_CACHE_BYTES,
@@ -621,6 +630,14 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("cache.upload_session_ttl", |c, v| {
         c.cache.upload_session_ttl = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.max_upload_sessions_per_client", |c, v| {
+        c.cache.max_upload_sessions_per_client = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("cache.upload_idle_timeout", |c, v| {
+        c.cache.upload_idle_timeout = parse_duration_value(v)?;
         Ok(())
     }),
 ];

@@ -43,6 +43,11 @@ pub enum Error {
     ManifestTooLarge { limit: usize },
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The upstream took a pushed blob under another digest than the one
+    /// the client asked for (distribution 2.8 stores `sha512:` uploads as
+    /// sha256): refused, never a silent substitution.
+    #[error("{}", digest_not_kept(asked, stored))]
+    DigestNotKept { asked: String, stored: String },
     #[error("not found")]
     NotFound,
     /// graft is at its configured request or connection cap.
@@ -89,6 +94,7 @@ impl Error {
             | Error::ManifestInvalid(_)
             | Error::ManifestTooLarge { .. }
             | Error::BadRequest(_)
+            | Error::DigestNotKept { .. }
             | Error::NotFound => Blame::Client,
             Error::UpstreamUnreachable(_)
             | Error::UpstreamTimeout(_)
@@ -103,7 +109,9 @@ impl Error {
     fn parts(&self) -> (StatusCode, ErrorCode) {
         match self {
             Error::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
-            Error::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            Error::DigestInvalid(_) | Error::DigestNotKept { .. } => {
+                (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid)
+            }
             Error::TagDeletionUnsupported => (StatusCode::BAD_REQUEST, ErrorCode::Unsupported),
             Error::ManifestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
             Error::ManifestTooLarge { .. } => {
@@ -172,6 +180,7 @@ impl Error {
             | Error::ManifestInvalid(_)
             | Error::ManifestTooLarge { .. }
             | Error::BadRequest(_)
+            | Error::DigestNotKept { .. }
             | Error::NotFound
             | Error::Overloaded => self.to_string(),
         }
@@ -212,6 +221,18 @@ impl Error {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
+    }
+}
+
+fn digest_not_kept(asked: &str, stored: &str) -> String {
+    let algorithm = |d: &str| d.split(':').next().unwrap_or("").to_string();
+    if algorithm(asked) == algorithm(stored) {
+        format!("the upstream registry stored this blob as {stored}, not {asked}")
+    } else {
+        format!(
+            "the upstream registry does not support digest algorithm {}: it stored this blob as {stored}, not {asked}",
+            algorithm(asked)
+        )
     }
 }
 
@@ -326,6 +347,15 @@ mod tests {
                 Client,
             ),
             (Error::TagDeletionUnsupported, 400, "UNSUPPORTED", Client),
+            (
+                Error::DigestNotKept {
+                    asked: "sha512:ab".into(),
+                    stored: "sha256:cd".into(),
+                },
+                400,
+                "DIGEST_INVALID",
+                Client,
+            ),
             (
                 Error::ManifestInvalid("y".into()),
                 400,

@@ -138,6 +138,11 @@ impl ClientSide {
         self.host.is_some() || self.public_url.is_some()
     }
 
+    /// The client's address (anonymous clients are told apart by it).
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
     /// The origin URLs pointing back at graft are built on: the client's
     /// own `Host`, else `server.public_url`.
     fn origin(&self) -> Option<String> {

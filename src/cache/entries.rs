@@ -404,6 +404,7 @@ pub async fn upkeep(cache: Arc<ContentCache>, mut shutdown: tokio::sync::watch::
         let c = cache.clone();
         let _ = tokio::task::spawn_blocking(move || {
             c.flush_touches();
+            c.sweep_uploads();
             c.evict();
         })
         .await;

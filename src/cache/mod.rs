@@ -13,7 +13,7 @@
 //!   and while the upstream is out the last known digest stands for
 //!   `cache.max_stale`.
 //! - Blob uploads are teed into the cache as they pass through
-//!   ([`ContentCache::begin_upload`], [`Tee`]), and manifests pushed through
+//!   ([`ContentCache::begin_upload`], [`Session::tee`]), and manifests pushed through
 //!   graft are written through ([`ContentCache::store_bytes`]).
 //!
 //! Which repositories the upstream confirmed hold which content (the
@@ -43,7 +43,7 @@ pub use entries::{upkeep, CacheStats, VerifyReport};
 pub(crate) use fill::{Follow, Followed, Miss, Streaming};
 pub(crate) use store::Store;
 pub(crate) use tags::{Revalidation, TagAnswer};
-pub(crate) use upload::{Session, Tee};
+pub(crate) use upload::{Owner, Session, Teed};
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -248,14 +248,22 @@ impl ContentCache {
             .insert(digest.clone(), now);
     }
 
-    /// Starts teeing a chunked upload the upstream accepted as `id`.
-    pub(crate) fn begin_upload(&self, id: &str) {
-        self.uploads.begin(&self.store, &self.clock, &self.cfg, id);
+    /// Remembers the upload the upstream accepted as `id` for `owner`
+    /// (`None`: at `cache.max_upload_sessions` = 0).
+    pub(crate) fn begin_upload(&self, id: &str, owner: Owner) -> Option<Arc<Session>> {
+        let (session, gone) = self
+            .uploads
+            .begin(&self.store, &self.clock, &self.cfg, id, owner);
+        if !gone.is_empty() {
+            // A forgotten session may delete its temp file as it drops.
+            tokio::task::spawn_blocking(move || drop(gone));
+        }
+        session
     }
 
     /// A single-request upload's session (not kept by id).
-    pub(crate) fn upload_session(&self) -> Arc<Session> {
-        Session::new(&self.store, &self.clock)
+    pub(crate) fn upload_session(&self, owner: Owner) -> Arc<Session> {
+        Session::new(&self.store, &self.clock, owner)
     }
 
     /// The session of upload `id`; `end` takes it out (the request that
@@ -266,6 +274,12 @@ impl ContentCache {
         } else {
             self.uploads.get(id)
         }
+    }
+
+    /// Forgets upload sessions idle or old past their limits, deleting
+    /// their temp files (blocking: the cache's upkeep calls it).
+    pub fn sweep_uploads(&self) {
+        drop(self.uploads.sweep(&self.clock, &self.cfg));
     }
 
     /// Upload sessions being teed now (a gauge for `/metrics`).

@@ -110,6 +110,7 @@ impl Store {
             file: Some(file),
             hasher: Sha256::new(),
             written: 0,
+            committed: false,
         })
     }
 
@@ -164,6 +165,8 @@ pub(crate) struct Writer {
     file: Option<File>,
     hasher: Sha256,
     written: u64,
+    /// Renamed into place: the temp file is no longer ours to delete.
+    committed: bool,
 }
 
 impl Writer {
@@ -173,11 +176,33 @@ impl Writer {
     }
 
     pub(crate) fn write(&mut self, chunk: &[u8]) -> Result<(), CacheError> {
-        let f = self.file.as_mut().expect("writer used after commit");
+        let f = self.open()?;
         f.write_all(chunk)?;
         self.hasher.update(chunk);
         self.written += chunk.len() as u64;
         Ok(())
+    }
+
+    /// Closes the temp file, keeping it and the hash so far: an upload idle
+    /// between chunks then holds no descriptor. The next write reopens it.
+    pub(crate) fn close(&mut self) {
+        self.file = None;
+    }
+
+    /// The temp file, reopened for appending after [`Writer::close`].
+    fn open(&mut self) -> Result<&mut File, CacheError> {
+        if self.committed {
+            return Err(CacheError::Io(std::io::Error::other(
+                "writer used after commit",
+            )));
+        }
+        match &mut self.file {
+            Some(f) => Ok(f),
+            slot => {
+                let f = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+                Ok(slot.insert(f))
+            }
+        }
     }
 
     /// Verifies the digest, fsyncs, and renames into place. On a mismatch
@@ -199,14 +224,14 @@ impl Writer {
                 actual: format!("sha256:{actual}"),
             });
         }
-        let file = self.file.take().expect("writer committed twice");
-        file.sync_all()?;
-        drop(file);
+        self.open()?.sync_all()?;
+        self.file = None;
         let dest = self.store.path_of(digest);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::rename(&self.path, &dest)?;
+        self.committed = true;
         // The rename is durable only once the directory entry is.
         if let Some(parent) = dest.parent() {
             if let Ok(dir) = File::open(parent) {
@@ -219,7 +244,7 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.committed {
             let _ = std::fs::remove_file(&self.path);
         }
     }

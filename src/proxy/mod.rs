@@ -316,13 +316,13 @@ fn register_cache_metrics(metrics: &Metrics, cache: &Arc<ContentCache>) {
     let c = Arc::downgrade(cache);
     metrics.register_gauge_fn(
         "graft_cache_upload_sessions",
-        "Blob uploads being teed into the cache now.",
+        "Blob upload sessions graft keeps state and a cache tee for now.",
         move || c.upgrade().map_or(0, |c| c.upload_sessions()),
     );
     let c = Arc::downgrade(cache);
     metrics.register_counter_fn(
         "graft_cache_upload_sessions_dropped",
-        "Upload tees dropped at cache.max_upload_sessions or cache.upload_session_ttl.",
+        "Upload sessions forgotten (their uploads pass through uncached) at cache.max_upload_sessions, cache.max_upload_sessions_per_client, cache.upload_idle_timeout or cache.upload_session_ttl.",
         move || c.upgrade().map_or(0, |c| c.upload_sessions_dropped()),
     );
 }
