@@ -84,6 +84,9 @@ pub struct Referrers {
     /// mid-forward (client gone) never clears its entry, so it expires and
     /// recovery settles the intent by asking the upstream.
     in_flight: moka::sync::Cache<(RepoName, Digest), ()>,
+    /// Tag writes a client's credentials could not make and graft had no
+    /// account of its own to make instead (`graft_tag_writes_unauthorized`).
+    unauthorized: tag_write::Unauthorized,
 }
 
 /// Longer than any forward can take (a buffered manifest, bounded by
@@ -97,6 +100,12 @@ impl Referrers {
     /// `referrers.recent_checks_capacity`), for `/metrics`.
     pub fn recent_checks(&self) -> u64 {
         self.recent.len()
+    }
+
+    /// Fallback-tag writes refused for lack of rights that graft could not
+    /// make with an account of its own, for `/metrics`.
+    pub fn tag_writes_unauthorized(&self) -> u64 {
+        self.unauthorized.count()
     }
 
     pub fn new(
@@ -128,6 +137,7 @@ impl Referrers {
             cfg,
             own_auth,
             keys,
+            unauthorized: tag_write::Unauthorized::default(),
         })
     }
 
