@@ -1,14 +1,27 @@
 //! graft in front of a Bearer-token registry (distribution with `auth:
-//! token`) and the test token service of `tests/common/token.rs`.
+//! token`) and the test token service of `tests/common/token.rs`: clients
+//! bring their own tokens through graft; graft fetches its own (user
+//! `graft`) for recovery, owed tag writes, and tag writes a client's token
+//! may not make; the client-side commands answer challenges themselves.
 
 mod common;
 
-use common::token::{Grant, DELETE_PULL, PULL, PUSH_PULL};
-use common::{header_str, require_tool, Api, Graft, Registry, RegistryOptions, TestImage};
-use common::{TokenOptions, TokenService};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::artifacts::{
+    artifact, digests_of, expected_descriptor, graft_command, push_by_digest, push_subject,
+    referrer_list, referrers, upstream_fallback_digests, Subject,
+};
+use common::token::{Grant, ALL, DELETE_PULL, PULL, PUSH_PULL};
+use common::{eventually, header_str, read_metric, require_tool, sha256_digest};
+use common::{Api, Graft, Registry, RegistryOptions, TestImage, TokenOptions, TokenService};
 use reqwest::StatusCode;
 
 const PASSWORD: &str = "token-test-password";
+/// graft's own upstream account.
+const GRAFT_USER: &str = "graft";
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A token service with a pusher, a reader and a deleter on every
 /// repository, and a registry that trusts it.
@@ -17,7 +30,8 @@ fn token_registry(options: TokenOptions) -> (TokenService, Registry) {
         options
             .user("pusher", PASSWORD, &[Grant::new("*", PUSH_PULL)])
             .user("reader", PASSWORD, &[Grant::new("*", PULL)])
-            .user("deleter", PASSWORD, &[Grant::new("*", DELETE_PULL)]),
+            .user("deleter", PASSWORD, &[Grant::new("*", DELETE_PULL)])
+            .user(GRAFT_USER, PASSWORD, &[Grant::new("*", ALL)]),
     );
     let registry =
         Registry::start_with(RegistryOptions::default().token_auth(service.registry_auth()));
@@ -153,4 +167,434 @@ async fn skopeo_follows_the_token_challenge_through_graft() {
         direct.get_manifest("app/skopeo", "v1").await,
         image.manifest
     );
+}
+
+/// A client of graft holding `user`'s token for `actions` on `repo`.
+async fn client(
+    graft: &Graft,
+    service: &TokenService,
+    user: &str,
+    repo: &str,
+    actions: &str,
+) -> Api {
+    let (status, token) = fetch_token(service, user, &format!("repository:{repo}:{actions}")).await;
+    assert_eq!(status, StatusCode::OK, "token for {user}");
+    Api::for_graft(graft).with_bearer(&token)
+}
+
+/// The registry itself, read with a pull token for `repo`.
+fn direct_reader(registry: &Registry, service: &TokenService, repo: &str) -> Api {
+    Api::for_registry(registry).with_bearer(&service.mint_for(repo, PULL))
+}
+
+fn with_account(config: &mut graft::Config) {
+    config.upstream.username = Some(GRAFT_USER.to_owned());
+    config.upstream.password = Some(PASSWORD.to_owned());
+}
+
+/// Fails when `text` holds one of the tokens issued to graft's account.
+fn assert_no_graft_token(service: &TokenService, text: &str, what: &str) {
+    for token in service.issued_to(GRAFT_USER) {
+        assert!(
+            !text.contains(&token),
+            "graft's own token leaked into {what}"
+        );
+        // The signature alone would still be a usable leak.
+        let signature = token.rsplit('.').next().unwrap_or_default();
+        assert!(
+            !text.contains(signature),
+            "graft's token signature in {what}"
+        );
+    }
+}
+
+/// Headers and body of a response as one text, for leak checks.
+async fn response_text(response: reqwest::Response) -> String {
+    let mut text = format!("{:?}\n", response.headers());
+    text.push_str(&response.text().await.unwrap_or_default());
+    text
+}
+
+/// A subject with two referrers pushed through graft by `pusher`; returns
+/// the subject, the referrer to keep and the one to delete.
+async fn subject_with_two_referrers(pusher: &Api, repo: &str) -> (Subject, String, String) {
+    let subject = push_subject(pusher, repo, "v1").await;
+    let keep = artifact(&subject, Some("application/vnd.example.sbom"), None, None);
+    let doomed = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    let keep = push_by_digest(pusher, repo, &keep).await;
+    let doomed = push_by_digest(pusher, repo, &doomed).await;
+    (subject, keep, doomed)
+}
+
+async fn wait_for_tag(direct: &Api, repo: &str, subject: &Subject, want: Vec<String>) {
+    let mut want = want;
+    want.sort();
+    eventually(WAIT, "the upstream fallback tag", || {
+        let want = want.clone();
+        async move { upstream_fallback_digests(direct, repo, subject).await == want }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_delete_with_a_delete_scoped_token_leaves_the_fallback_tag_right() {
+    let (service, registry) = token_registry(TokenOptions::default());
+    let graft = Graft::start_with(&registry, with_account);
+    let repo = "app/deleted";
+    let pusher = client(&graft, &service, "pusher", repo, "pull,push").await;
+    let (subject, keep, doomed) = subject_with_two_referrers(&pusher, repo).await;
+    let direct = direct_reader(&registry, &service, repo);
+    wait_for_tag(&direct, repo, &subject, vec![keep.clone(), doomed.clone()]).await;
+
+    // What `oras manifest delete` asks for: delete and pull, no push.
+    let deleter = client(&graft, &service, "deleter", repo, "delete,pull").await;
+    let deleted = Api::send(deleter.delete(&format!("/v2/{repo}/manifests/{doomed}"))).await;
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    let answer = response_text(deleted).await;
+
+    wait_for_tag(&direct, repo, &subject, vec![keep.clone()]).await;
+    let reader = client(&graft, &service, "reader", repo, "pull").await;
+    let listed = Api::send(reader.get(&format!("/v2/{repo}/referrers/{}", subject.digest))).await;
+    assert_eq!(listed.status(), StatusCode::OK);
+    let listed = response_text(listed).await;
+    assert!(
+        listed.contains(&keep) && !listed.contains(&doomed),
+        "{listed}"
+    );
+
+    assert!(
+        !service.issued_to(GRAFT_USER).is_empty(),
+        "graft wrote the tag with a token of its own"
+    );
+    assert_no_graft_token(&service, &answer, "the delete's answer");
+    assert_no_graft_token(&service, &listed, "the referrers answer");
+    let api = Api::for_graft(&graft);
+    assert_eq!(
+        read_metric(&api, "graft_tag_writes_unauthorized_total").await,
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn without_an_account_a_refused_tag_write_stays_owed_until_graft_has_one() {
+    let (service, registry) = token_registry(TokenOptions::default());
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_path_buf();
+    let graft = Graft::start_with(&registry, |c| c.storage.data_dir = data_dir.clone());
+    let repo = "app/owed";
+    let pusher = client(&graft, &service, "pusher", repo, "pull,push").await;
+    let (subject, keep, doomed) = subject_with_two_referrers(&pusher, repo).await;
+    let direct = direct_reader(&registry, &service, repo);
+    wait_for_tag(&direct, repo, &subject, vec![keep.clone(), doomed.clone()]).await;
+
+    let deleter = client(&graft, &service, "deleter", repo, "delete,pull").await;
+    let deleted = Api::send(deleter.delete(&format!("/v2/{repo}/manifests/{doomed}"))).await;
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    let api = Api::for_graft(&graft);
+    eventually(WAIT, "the refused tag write counted", || async {
+        read_metric(&api, "graft_tag_writes_unauthorized_total").await >= Some(1)
+    })
+    .await;
+    // graft's own answer no longer lists it; the tag does, until written.
+    let reader = client(&graft, &service, "reader", repo, "pull").await;
+    let list = referrer_list(referrers(&reader, repo, &subject.digest, "").await).await;
+    assert_eq!(digests_of(&list), vec![keep.clone()]);
+    let mut both = vec![keep.clone(), doomed.clone()];
+    both.sort();
+    assert_eq!(
+        upstream_fallback_digests(&direct, repo, &subject).await,
+        both
+    );
+    assert!(service.issued_to(GRAFT_USER).is_empty());
+    drop(graft);
+
+    // With an account, the owed write is finished at startup.
+    let data_dir = data.path().to_path_buf();
+    let _graft = Graft::start_with(&registry, |c| {
+        c.storage.data_dir = data_dir;
+        with_account(c);
+    });
+    wait_for_tag(&direct, repo, &subject, vec![keep]).await;
+}
+
+/// `graft <args>` as the binary, in `work`.
+fn run_graft(work: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = graft_command(work);
+    command
+        .args(args)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", work);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run graft")
+}
+
+fn assert_success(out: &std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn reindex_cache_warm_and_referrers_work_against_the_token_registry() {
+    let (service, registry) = token_registry(TokenOptions::default());
+    let graft = Graft::start(&registry);
+    let repo = "app/cli";
+    let pusher = client(&graft, &service, "pusher", repo, "pull,push").await;
+    let subject = push_subject(&pusher, repo, "v1").await;
+    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    let sig_digest = push_by_digest(&pusher, repo, &sig).await;
+    let direct = direct_reader(&registry, &service, repo);
+    wait_for_tag(&direct, repo, &subject, vec![sig_digest.clone()]).await;
+    let work = tempfile::tempdir().expect("work dir");
+    let work = work.path();
+    let subject_arg = format!("{repo}@{}", subject.digest);
+
+    // reindex, with graft's account from the environment.
+    let data = work.join("reindexed");
+    let data_arg = data.display().to_string();
+    let args = [
+        "reindex",
+        "--upstream",
+        &registry.url(),
+        "--repo",
+        repo,
+        "--data-dir",
+        &data_arg,
+    ];
+    let env = [
+        ("GRAFT_UPSTREAM_USERNAME", GRAFT_USER),
+        ("GRAFT_UPSTREAM_PASSWORD", PASSWORD),
+    ];
+    let out = assert_success(&run_graft(work, &args, &env), "graft reindex");
+    assert_eq!(out, "repositories: 1\nsubjects: 1\nreferrers added: 1\n");
+    assert!(!service.issued_to(GRAFT_USER).is_empty());
+
+    // referrers with a token the client fetched itself.
+    let (_, token) = fetch_token(&service, "reader", &format!("repository:{repo}:pull")).await;
+    let args = [
+        "referrers",
+        &subject_arg,
+        "--graft",
+        &graft.url(),
+        "--token",
+        &token,
+    ];
+    let out = assert_success(&run_graft(work, &args, &[]), "graft referrers --token");
+    assert!(out.contains(&sig_digest), "{out}");
+
+    // referrers with docker's config.json: the command answers the
+    // challenge graft passes on.
+    let before = service.issued_to("reader").len();
+    let config = work.join("docker-config.json");
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("reader:{PASSWORD}"))
+    };
+    let auths = serde_json::json!({"auths": {graft.host(): {"auth": auth}}});
+    std::fs::write(&config, auths.to_string()).expect("write config.json");
+    let config_arg = config.display().to_string();
+    let args = [
+        "referrers",
+        &subject_arg,
+        "--graft",
+        &graft.url(),
+        "--docker-config",
+        &config_arg,
+    ];
+    let out = assert_success(
+        &run_graft(work, &args, &[]),
+        "graft referrers --docker-config",
+    );
+    assert!(out.contains(&sig_digest), "{out}");
+    assert!(
+        service.issued_to("reader").len() > before,
+        "a token was fetched"
+    );
+    // The default place, ~/.docker/config.json, is read too.
+    std::fs::create_dir_all(work.join(".docker")).expect("mkdir .docker");
+    std::fs::copy(&config, work.join(".docker/config.json")).expect("copy config.json");
+    let args = ["referrers", &subject_arg, "--graft", &graft.url()];
+    let out = assert_success(
+        &run_graft(work, &args, &[]),
+        "graft referrers (default config)",
+    );
+    assert!(out.contains(&sig_digest), "{out}");
+
+    // cache warm with a user and password.
+    let image = format!("{repo}:v1");
+    let args = [
+        "cache",
+        "warm",
+        &image,
+        "--graft",
+        &graft.url(),
+        "--username",
+        "reader",
+    ];
+    let env = [("GRAFT_CLIENT_PASSWORD", PASSWORD)];
+    let out = assert_success(&run_graft(work, &args, &env), "graft cache warm");
+    assert!(out.starts_with("images: 1\n"), "{out}");
+}
+
+/// `graft serve` as a child process (the crash test needs a real process
+/// to abort); `Drop` kills and reaps it.
+#[cfg(feature = "failpoints")]
+struct ServeProcess {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+#[cfg(feature = "failpoints")]
+impl ServeProcess {
+    /// `graft serve` with graft's account and debug logs, `failpoint` armed
+    /// when given; waits until it answers.
+    async fn start(registry: &Registry, work: &Path, failpoint: Option<&str>) -> ServeProcess {
+        use std::process::Stdio;
+        for _ in 0..5 {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+            let log = work.join(format!("graft-{}.log", addr.port()));
+            let out = std::fs::File::create(&log).expect("log file");
+            let mut command = graft_command(work);
+            command
+                .args(["serve", "--listen", &addr.to_string()])
+                .args(["--upstream", &registry.url()])
+                .arg("--data-dir")
+                .arg(work.join("data"))
+                .env("GRAFT_UPSTREAM_USERNAME", GRAFT_USER)
+                .env("GRAFT_UPSTREAM_PASSWORD", PASSWORD)
+                // Everything graft logs is searched for its tokens.
+                .env("RUST_LOG", "debug")
+                .stdout(Stdio::from(out.try_clone().expect("clone log")))
+                .stderr(Stdio::from(out));
+            if let Some(f) = failpoint {
+                command.env("GRAFT_FAILPOINT", f);
+            }
+            let mut process = ServeProcess {
+                child: command.spawn().expect("spawn graft serve"),
+                addr,
+                log,
+            };
+            if process.wait_listening().await {
+                return process;
+            }
+        }
+        panic!("graft serve never listened");
+    }
+
+    async fn wait_listening(&mut self) -> bool {
+        let api = Api::new(&self.url());
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if api.get("/healthz").send().await.is_ok() {
+                return true;
+            }
+            if self.child.try_wait().expect("poll graft").is_some() {
+                let log = self.log_text();
+                assert!(log.contains("cannot listen"), "graft serve exited:\n{log}");
+                return false;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "graft serve never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exited(&mut self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.child.try_wait().expect("poll graft").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "graft did not stop at the failpoint"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_push_interrupted_after_the_upstream_accept_is_recovered_with_graft_s_own_token() {
+    let (service, registry) = token_registry(TokenOptions::default());
+    let work = tempfile::tempdir().expect("work dir");
+    let repo = "app/crash";
+    let direct = direct_reader(&registry, &service, repo);
+
+    let mut doomed =
+        ServeProcess::start(&registry, work.path(), Some("after-upstream-accept")).await;
+    let (_, token) = fetch_token(&service, "pusher", &format!("repository:{repo}:pull,push")).await;
+    let pusher = Api::new(&doomed.url()).with_bearer(&token);
+    let subject = push_subject(&pusher, repo, "v1").await;
+    let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
+    let digest = sha256_digest(&sig);
+    let push = pusher
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v2/{repo}/manifests/{digest}"),
+        )
+        .header("content-type", common::artifacts::MANIFEST)
+        .body(sig.to_vec())
+        .send()
+        .await;
+    assert!(push.is_err(), "answered although graft died: {push:?}");
+    doomed.wait_exited();
+    let first_log = doomed.log_text();
+    drop(doomed);
+    assert!(upstream_fallback_digests(&direct, repo, &subject)
+        .await
+        .is_empty());
+
+    // Restarted, graft settles the push with a token of its own: the
+    // client's token is long gone from its memory.
+    let graft = ServeProcess::start(&registry, work.path(), None).await;
+    wait_for_tag(&direct, repo, &subject, vec![digest.clone()]).await;
+    let (_, token) = fetch_token(&service, "reader", &format!("repository:{repo}:pull")).await;
+    let reader = Api::new(&graft.url()).with_bearer(&token);
+    let answer = referrers(&reader, repo, &subject.digest, "").await;
+    let listed = response_text(answer).await;
+    assert!(listed.contains(&digest), "{listed}");
+    let list: serde_json::Value =
+        serde_json::from_str(listed.split_once('\n').map_or("", |(_, b)| b)).expect("JSON");
+    assert_eq!(
+        list["manifests"],
+        serde_json::json!([expected_descriptor(&sig)])
+    );
+
+    let log = graft.log_text();
+    assert!(
+        log.contains("recovering a referrer the upstream accepted before a restart"),
+        "{log}"
+    );
+    assert!(
+        !service.issued_to(GRAFT_USER).is_empty(),
+        "graft fetched a token"
+    );
+    assert_no_graft_token(&service, &format!("{first_log}\n{log}"), "graft's log");
+    assert_no_graft_token(&service, &listed, "the referrers answer");
+    assert!(!log.contains(PASSWORD), "graft's password in its log");
 }
