@@ -132,6 +132,27 @@ async fn pushes_and_pulls_through_graft_with_tokens_and_the_registry_refuses_a_p
 }
 
 #[tokio::test]
+async fn the_registry_takes_rs256_and_es256_tokens_alike() {
+    for options in [TokenOptions::default(), TokenOptions::default().es256()] {
+        let (service, registry) = token_registry(options);
+        let graft = Graft::start(&registry);
+        let pusher = client(&graft, &service, "pusher", "app/alg", "pull,push").await;
+        let digest = pusher.push_blob("app/alg", b"signed".to_vec()).await;
+        let direct = direct_reader(&registry, &service, "app/alg");
+        assert_eq!(&direct.get_blob("app/alg", &digest).await[..], b"signed");
+        let token = service.issued_to("pusher").pop().expect("a token");
+        let header = token.split('.').next().expect("a JWT header");
+        let header: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
+                .expect("base64url"),
+        )
+        .expect("JSON header");
+        assert_eq!(header["alg"], service.algorithm());
+        assert!(header["x5c"][0].is_string(), "{header}");
+    }
+}
+
+#[tokio::test]
 async fn skopeo_follows_the_token_challenge_through_graft() {
     let (service, registry) = token_registry(TokenOptions::default());
     let graft = Graft::start(&registry);

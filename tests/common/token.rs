@@ -5,13 +5,15 @@
 //! with `{"token","access_token","expires_in","issued_at"}`, for the Basic
 //! credentials of configured users (or anonymously, when allowed), granting
 //! the intersection of the requested and the allowed actions, as real token
-//! services do. Tokens are ES256 JWTs whose `x5c` header carries a signing
-//! certificate issued by a self-signed CA; the CA is written to a PEM file
-//! that the registry (and graft's `upstream.token_certificate`) trusts.
+//! services do. Tokens are RS256 (the default, as most token services sign)
+//! or ES256 JWTs whose `x5c` header carries a signing certificate issued by
+//! a self-signed CA; the CA is written to a PEM file that the registry (and
+//! graft's `upstream.token_certificate`) trusts.
 //!
-//! ES256 rather than RS256: `ring` (already in the tree through rustls)
-//! signs ECDSA P-256 with keys that `rcgen` generates, but cannot generate
-//! RSA keys; distribution verifies both alike.
+//! Signing is `ring`'s (already in the tree through rustls). ring cannot
+//! generate RSA keys, so the RS256 key is a fixed test key
+//! (`token-rsa-key.pem`, made with `openssl genpkey`); the certificates
+//! around it are new for every service. ES256 keys are generated.
 //!
 //! The server is a plain-`std` HTTP/1.1 responder (one request per
 //! connection, `Connection: close`), on 127.0.0.1 and an ephemeral port;
@@ -86,6 +88,8 @@ pub struct TokenOptions {
     anonymous: Option<Vec<Grant>>,
     /// `expires_in` of issued tokens.
     pub expires_in: Duration,
+    /// Sign ES256 instead of RS256.
+    pub es256: bool,
 }
 
 impl Default for TokenOptions {
@@ -94,6 +98,7 @@ impl Default for TokenOptions {
             users: Vec::new(),
             anonymous: None,
             expires_in: Duration::from_secs(300),
+            es256: false,
         }
     }
 }
@@ -118,6 +123,12 @@ impl TokenOptions {
     /// Issued tokens last `expires_in` (the registry adds 60 s of leeway).
     pub fn expires_in(mut self, expires_in: Duration) -> Self {
         self.expires_in = expires_in;
+        self
+    }
+
+    /// Signs ES256 (ECDSA P-256) instead of RS256.
+    pub fn es256(mut self) -> Self {
+        self.es256 = true;
         self
     }
 }
@@ -178,7 +189,7 @@ impl TokenService {
             .prefix("graft-test-token-")
             .tempdir()
             .expect("create token service temp dir");
-        let signer = Signer::generate();
+        let signer = Signer::generate(options.es256);
         let ca_pem = dir.path().join("token-ca.pem");
         std::fs::write(&ca_pem, &signer.ca_pem).expect("write token CA");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind token service");
@@ -223,6 +234,11 @@ impl TokenService {
     /// The `iss` the registry is configured with.
     pub fn issuer(&self) -> &'static str {
         ISSUER
+    }
+
+    /// The JWT `alg` of issued tokens: `RS256` or `ES256`.
+    pub fn algorithm(&self) -> &'static str {
+        self.shared.signer.key.alg()
     }
 
     /// PEM of the self-signed CA whose certificate signs the tokens' `x5c`
@@ -430,19 +446,54 @@ fn query_params(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The fixed RSA key of RS256 tokens (PKCS#8 PEM).
+const RSA_KEY_PEM: &str = include_str!("token-rsa-key.pem");
+
+/// The key tokens are signed with.
+enum SigningKey {
+    Es256(ring::signature::EcdsaKeyPair),
+    Rs256(ring::signature::RsaKeyPair),
+}
+
+impl SigningKey {
+    fn alg(&self) -> &'static str {
+        match self {
+            SigningKey::Es256(_) => "ES256",
+            SigningKey::Rs256(_) => "RS256",
+        }
+    }
+
+    fn sign(&self, rng: &ring::rand::SystemRandom, message: &[u8]) -> Vec<u8> {
+        match self {
+            SigningKey::Es256(key) => key.sign(rng, message).expect("ES256").as_ref().to_vec(),
+            SigningKey::Rs256(key) => {
+                let mut signature = vec![0; key.public().modulus_len()];
+                key.sign(
+                    &ring::signature::RSA_PKCS1_SHA256,
+                    rng,
+                    message,
+                    &mut signature,
+                )
+                .expect("RS256");
+                signature
+            }
+        }
+    }
+}
+
 /// The CA, the signing certificate it issued, and that certificate's key.
 struct Signer {
     ca_pem: String,
     /// DER of the signing certificate, the one `x5c` entry.
     leaf_der: Vec<u8>,
-    key: ring::signature::EcdsaKeyPair,
+    key: SigningKey,
     rng: ring::rand::SystemRandom,
     /// Makes every `jti` unique.
     serial: AtomicU64,
 }
 
 impl Signer {
-    fn generate() -> Signer {
+    fn generate(es256: bool) -> Signer {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
         let ca_key = KeyPair::generate().expect("token CA key");
@@ -454,9 +505,25 @@ impl Signer {
         let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign token CA");
         let issuer = Issuer::new(ca_params, ca_key);
 
+        let rng = ring::rand::SystemRandom::new();
         // rcgen's default key is ECDSA P-256 made by ring, in PKCS#8 that
         // ring reads back for signing.
-        let leaf_key = KeyPair::generate().expect("token signing key");
+        let (leaf_key, key) = if es256 {
+            let leaf_key = KeyPair::generate().expect("token signing key");
+            let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &leaf_key.serialize_der(),
+                &rng,
+            )
+            .expect("ring reads the signing key");
+            (leaf_key, SigningKey::Es256(key))
+        } else {
+            let leaf_key = KeyPair::from_pem_and_sign_algo(RSA_KEY_PEM, &rcgen::PKCS_RSA_SHA256)
+                .expect("the RSA test key");
+            let key = ring::signature::RsaKeyPair::from_pkcs8(&leaf_key.serialize_der())
+                .expect("ring reads the RSA test key");
+            (leaf_key, SigningKey::Rs256(key))
+        };
         let mut leaf_params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
         leaf_params
             .distinguished_name
@@ -464,13 +531,6 @@ impl Signer {
         let leaf_cert = leaf_params
             .signed_by(&leaf_key, &issuer)
             .expect("issue token signing certificate");
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &leaf_key.serialize_der(),
-            &rng,
-        )
-        .expect("ring reads the signing key");
         Signer {
             ca_pem: ca_cert.pem(),
             leaf_der: leaf_cert.der().to_vec(),
@@ -490,7 +550,7 @@ impl Signer {
         let issued = now.min(now + ttl_secs - 60);
         let header = serde_json::json!({
             "typ": "JWT",
-            "alg": "ES256",
+            "alg": self.key.alg(),
             "x5c": [STANDARD.encode(&self.leaf_der)],
         });
         let claims = serde_json::json!({
@@ -508,13 +568,7 @@ impl Signer {
             URL_SAFE_NO_PAD.encode(header.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let signature = self
-            .key
-            .sign(&self.rng, signing_input.as_bytes())
-            .expect("ES256 signature");
-        format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.as_ref())
-        )
+        let signature = self.key.sign(&self.rng, signing_input.as_bytes());
+        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
     }
 }
