@@ -448,4 +448,30 @@ mod tests {
         assert_eq!(lifetime, DEFAULT_LIFETIME);
         assert!(parse_response(br#"{"expires_in":5}"#, now).is_none());
     }
+
+    #[test]
+    fn only_graft_s_own_credentials_get_tokens_of_graft_s() {
+        let mut cfg = crate::config::Config::default().upstream;
+        cfg.username = Some("graft".into());
+        cfg.password = Some("pw".into());
+        let own = cfg.own_authorization().expect("basic");
+        let server = TokenClient::new(&cfg);
+        assert!(server.has_credentials());
+        assert!(server.is_own(Some(&own)));
+        assert!(!server.is_own(None), "an anonymous client is not graft");
+        let client = HeaderValue::from_static("Basic Y2xpZW50OnB3");
+        assert!(!server.is_own(Some(&client)));
+
+        let mut command = TokenClient::new(&crate::config::Config::default().upstream);
+        command.set_client_credentials(None);
+        assert!(command.is_own(None), "a command may fetch anonymous tokens");
+        command.set_client_credentials(Some(&client));
+        assert!(command.is_own(Some(&client)) && !command.is_own(None));
+        let bearer = HeaderValue::from_static("Bearer given");
+        command.set_client_credentials(Some(&bearer));
+        assert!(
+            !command.is_own(Some(&bearer)),
+            "a given token is sent as it is"
+        );
+    }
 }

@@ -31,7 +31,11 @@ fn token_registry(options: TokenOptions) -> (TokenService, Registry) {
             .user("pusher", PASSWORD, &[Grant::new("*", PUSH_PULL)])
             .user("reader", PASSWORD, &[Grant::new("*", PULL)])
             .user("deleter", PASSWORD, &[Grant::new("*", DELETE_PULL)])
-            .user(GRAFT_USER, PASSWORD, &[Grant::new("*", ALL)]),
+            .user(
+                GRAFT_USER,
+                PASSWORD,
+                &[Grant::new("*", ALL), Grant::new("registry:catalog", &["*"])],
+            ),
     );
     let registry =
         Registry::start_with(RegistryOptions::default().token_auth(service.registry_auth()));
@@ -377,15 +381,14 @@ async fn reindex_cache_warm_and_referrers_work_against_the_token_registry() {
     let work = work.path();
     let subject_arg = format!("{repo}@{}", subject.digest);
 
-    // reindex, with graft's account from the environment.
+    // reindex, with graft's account from the environment; without --repo
+    // the catalog is read with a `registry:catalog:*` token.
     let data = work.join("reindexed");
     let data_arg = data.display().to_string();
     let args = [
         "reindex",
         "--upstream",
         &registry.url(),
-        "--repo",
-        repo,
         "--data-dir",
         &data_arg,
     ];

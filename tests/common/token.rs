@@ -49,7 +49,8 @@ pub const DELETE_PULL: Actions = &["delete", "pull"];
 pub const ALL: Actions = &["pull", "push", "delete"];
 
 /// Rights on repositories whose name matches `pattern`: an exact name, a
-/// prefix ending in `*` (`team/*`), or `*` for all.
+/// prefix ending in `*` (`team/*`), or `*` for all; or, with pattern
+/// `registry:catalog` and actions `["*"]`, the catalog (`registry:catalog:*`).
 #[derive(Clone, Debug)]
 pub struct Grant {
     pub pattern: String,
@@ -405,12 +406,14 @@ fn authenticate(
 fn granted(scope: &str, grants: &[Grant]) -> Option<Access> {
     let (kind, rest) = scope.split_once(':')?;
     let (name, actions) = rest.rsplit_once(':')?;
-    if kind != "repository" {
-        return None;
-    }
+    // `registry:catalog:*` is granted by a grant named `registry:catalog`.
+    let wanted = match kind {
+        "repository" => name.to_owned(),
+        _ => format!("{kind}:{name}"),
+    };
     let allowed: Vec<&String> = grants
         .iter()
-        .filter(|g| g.matches(name))
+        .filter(|g| g.matches(&wanted) && (kind == "repository") != g.pattern.contains(':'))
         .flat_map(|g| g.actions.iter())
         .collect();
     let actions: Vec<String> = actions
