@@ -298,6 +298,20 @@ async fn a_delete_with_a_delete_scoped_token_leaves_the_fallback_tag_right() {
         read_metric(&api, "graft_tag_writes_unauthorized_total").await,
         Some(0)
     );
+
+    // A second delete in the same repository reuses graft's cached tokens.
+    let fetched = service.issued_to(GRAFT_USER).len();
+    let again = artifact(&subject, Some("application/vnd.example.vex"), None, None);
+    let again = push_by_digest(&pusher, repo, &again).await;
+    wait_for_tag(&direct, repo, &subject, vec![keep.clone(), again.clone()]).await;
+    let deleted = Api::send(deleter.delete(&format!("/v2/{repo}/manifests/{again}"))).await;
+    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    wait_for_tag(&direct, repo, &subject, vec![keep]).await;
+    assert_eq!(
+        service.issued_to(GRAFT_USER).len(),
+        fetched,
+        "tokens reused"
+    );
 }
 
 #[tokio::test]
