@@ -266,7 +266,8 @@ pub struct ConfigArgs {
     /// system roots [config: upstream.ca_file]
     #[arg(long, env = "GRAFT_UPSTREAM_CA_FILE", value_name = "FILE")]
     pub upstream_ca_file: Option<String>,
-    /// graft's own upstream user for background work (basic auth)
+    /// graft's own upstream user for fallback-tag upkeep (basic auth, or
+    /// for Bearer tokens from the registry's realm)
     /// [config: upstream.username]
     #[arg(long, env = "GRAFT_UPSTREAM_USERNAME", value_name = "USER")]
     pub upstream_username: Option<String>,
