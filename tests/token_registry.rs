@@ -481,20 +481,23 @@ async fn reindex_cache_warm_and_referrers_work_against_the_token_registry() {
     assert!(out.starts_with("images: 1\n"), "{out}");
 }
 
-/// `graft serve` as a child process (the crash test needs a real process
-/// to abort); `Drop` kills and reaps it.
-#[cfg(feature = "failpoints")]
+/// `graft serve` as a child process (a real process to abort, and a log to
+/// read); `Drop` kills and reaps it.
 struct ServeProcess {
     child: std::process::Child,
     addr: std::net::SocketAddr,
     log: PathBuf,
 }
 
-#[cfg(feature = "failpoints")]
 impl ServeProcess {
-    /// `graft serve` with graft's account and debug logs, `failpoint` armed
-    /// when given; waits until it answers.
-    async fn start(registry: &Registry, work: &Path, failpoint: Option<&str>) -> ServeProcess {
+    /// `graft serve` with debug logs, with graft's account when `account`,
+    /// `failpoint` armed when given; waits until it answers.
+    async fn start(
+        registry: &Registry,
+        work: &Path,
+        failpoint: Option<&str>,
+        account: bool,
+    ) -> ServeProcess {
         use std::process::Stdio;
         for _ in 0..5 {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
@@ -506,12 +509,15 @@ impl ServeProcess {
                 .args(["--upstream", &registry.url()])
                 .arg("--data-dir")
                 .arg(work.join("data"))
-                .env("GRAFT_UPSTREAM_USERNAME", GRAFT_USER)
-                .env("GRAFT_UPSTREAM_PASSWORD", PASSWORD)
                 // Everything graft logs is searched for its tokens.
                 .env("RUST_LOG", "debug")
                 .stdout(Stdio::from(out.try_clone().expect("clone log")))
                 .stderr(Stdio::from(out));
+            if account {
+                command
+                    .env("GRAFT_UPSTREAM_USERNAME", GRAFT_USER)
+                    .env("GRAFT_UPSTREAM_PASSWORD", PASSWORD);
+            }
             if let Some(f) = failpoint {
                 command.env("GRAFT_FAILPOINT", f);
             }
@@ -555,6 +561,7 @@ impl ServeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     fn wait_exited(&mut self) {
         let deadline = std::time::Instant::now() + WAIT;
         while self.child.try_wait().expect("poll graft").is_none() {
@@ -567,7 +574,6 @@ impl ServeProcess {
     }
 }
 
-#[cfg(feature = "failpoints")]
 impl Drop for ServeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -584,7 +590,7 @@ async fn a_push_interrupted_after_the_upstream_accept_is_recovered_with_graft_s_
     let direct = direct_reader(&registry, &service, repo);
 
     let mut doomed =
-        ServeProcess::start(&registry, work.path(), Some("after-upstream-accept")).await;
+        ServeProcess::start(&registry, work.path(), Some("after-upstream-accept"), true).await;
     let (_, token) = fetch_token(&service, "pusher", &format!("repository:{repo}:pull,push")).await;
     let pusher = Api::new(&doomed.url()).with_bearer(&token);
     let subject = push_subject(&pusher, repo, "v1").await;
@@ -609,7 +615,7 @@ async fn a_push_interrupted_after_the_upstream_accept_is_recovered_with_graft_s_
 
     // Restarted, graft settles the push with a token of its own: the
     // client's token is long gone from its memory.
-    let graft = ServeProcess::start(&registry, work.path(), None).await;
+    let graft = ServeProcess::start(&registry, work.path(), None, true).await;
     wait_for_tag(&direct, repo, &subject, vec![digest.clone()]).await;
     let (_, token) = fetch_token(&service, "reader", &format!("repository:{repo}:pull")).await;
     let reader = Api::new(&graft.url()).with_bearer(&token);
@@ -635,4 +641,46 @@ async fn a_push_interrupted_after_the_upstream_accept_is_recovered_with_graft_s_
     assert_no_graft_token(&service, &format!("{first_log}\n{log}"), "graft's log");
     assert_no_graft_token(&service, &listed, "the referrers answer");
     assert!(!log.contains(PASSWORD), "graft's password in its log");
+}
+
+#[tokio::test]
+async fn without_an_account_graft_says_once_per_repository_why_tags_stay_owed() {
+    let (service, registry) = token_registry(TokenOptions::default());
+    let work = tempfile::tempdir().expect("work dir");
+    let graft = ServeProcess::start(&registry, work.path(), None, false).await;
+    let repo = "app/told";
+    let (_, token) = fetch_token(&service, "pusher", &format!("repository:{repo}:pull,push")).await;
+    let pusher = Api::new(&graft.url()).with_bearer(&token);
+    let (subject, keep, doomed) = subject_with_two_referrers(&pusher, repo).await;
+    let sbom = artifact(&subject, Some("application/vnd.example.vex"), None, None);
+    let sbom = push_by_digest(&pusher, repo, &sbom).await;
+    let direct = direct_reader(&registry, &service, repo);
+    wait_for_tag(
+        &direct,
+        repo,
+        &subject,
+        vec![keep, doomed.clone(), sbom.clone()],
+    )
+    .await;
+
+    let (_, token) = fetch_token(
+        &service,
+        "deleter",
+        &format!("repository:{repo}:delete,pull"),
+    )
+    .await;
+    let deleter = Api::new(&graft.url()).with_bearer(&token);
+    for digest in [&doomed, &sbom] {
+        let deleted = Api::send(deleter.delete(&format!("/v2/{repo}/manifests/{digest}"))).await;
+        assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    }
+    let api = Api::new(&graft.url());
+    eventually(WAIT, "both refused tag writes counted", || async {
+        read_metric(&api, "graft_tag_writes_unauthorized_total").await >= Some(2)
+    })
+    .await;
+    let log = graft.log_text();
+    let said = log.matches("graft has no upstream account").count();
+    assert_eq!(said, 1, "said once for the repository:\n{log}");
+    assert!(log.contains(repo), "{log}");
 }
