@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::artifacts::{
-    artifact, digests_of, expected_descriptor, graft_command, push_by_digest, push_subject,
-    referrer_list, referrers, upstream_fallback_digests, Subject,
+    artifact, digests_of, graft_command, push_by_digest, push_subject, referrer_list, referrers,
+    upstream_fallback_digests, Subject,
 };
 use common::token::{Grant, ALL, DELETE_PULL, PULL, PUSH_PULL};
-use common::{eventually, header_str, read_metric, require_tool, sha256_digest};
+use common::{eventually, header_str, read_metric, require_tool};
 use common::{Api, Graft, Registry, RegistryOptions, TestImage, TokenOptions, TokenService};
 use reqwest::StatusCode;
 
@@ -595,7 +595,7 @@ async fn a_push_interrupted_after_the_upstream_accept_is_recovered_with_graft_s_
     let pusher = Api::new(&doomed.url()).with_bearer(&token);
     let subject = push_subject(&pusher, repo, "v1").await;
     let sig = artifact(&subject, Some("application/vnd.example.sig"), None, None);
-    let digest = sha256_digest(&sig);
+    let digest = common::sha256_digest(&sig);
     let push = pusher
         .request(
             reqwest::Method::PUT,
@@ -626,7 +626,7 @@ async fn a_push_interrupted_after_the_upstream_accept_is_recovered_with_graft_s_
         serde_json::from_str(listed.split_once('\n').map_or("", |(_, b)| b)).expect("JSON");
     assert_eq!(
         list["manifests"],
-        serde_json::json!([expected_descriptor(&sig)])
+        serde_json::json!([common::artifacts::expected_descriptor(&sig)])
     );
 
     let log = graft.log_text();
