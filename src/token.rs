@@ -11,8 +11,9 @@
 //!
 //! The realm is fetched through the upstream's client (same TLS settings).
 //! Credentials go only to a realm that is `https`, or plain `http` on a
-//! loopback address or on the upstream's own host (which already sees them
-//! in the clear): never to another host over plain http.
+//! loopback address, or on the upstream's own host when graft reaches the
+//! upstream over plain http too (it already sees them in the clear): never
+//! to another host over plain http.
 //!
 //! Tokens are secrets: they are never logged, and never part of an error.
 
@@ -164,8 +165,9 @@ pub(crate) struct TokenClient {
     /// Whether a request without credentials is graft's own too (the
     /// client-side commands), so that it may fetch anonymous tokens.
     anonymous_is_own: bool,
-    /// The upstream's host, to which credentials may go over plain http.
-    upstream_host: String,
+    /// The upstream's host when graft reaches it over plain http (and so
+    /// already sends it the credentials in the clear); empty for https.
+    plain_upstream_host: String,
     /// The service of the last challenge, to find cached tokens before a
     /// request is challenged.
     service: Mutex<Option<String>>,
@@ -174,16 +176,17 @@ pub(crate) struct TokenClient {
 
 impl TokenClient {
     pub(crate) fn new(cfg: &UpstreamConfig) -> TokenClient {
-        let upstream_host = cfg
+        let plain_upstream_host = cfg
             .url
             .parse::<Uri>()
             .ok()
+            .filter(|u| u.scheme_str() == Some("http"))
             .and_then(|u| u.host().map(str::to_owned))
             .unwrap_or_default();
         TokenClient {
             basic: cfg.own_authorization(),
             anonymous_is_own: false,
-            upstream_host,
+            plain_upstream_host,
             service: Mutex::new(None),
             cache: moka::sync::Cache::builder().max_capacity(CAPACITY).build(),
         }
@@ -272,7 +275,7 @@ impl TokenClient {
     ) -> Result<(HeaderValue, Duration), TokenError> {
         let realm = &challenge.realm;
         let uri: Uri = realm.parse().map_err(|_| TokenError::NoRealm)?;
-        if self.basic.is_some() && !realm_allowed(&uri, &self.upstream_host) {
+        if self.basic.is_some() && !realm_allowed(&uri, &self.plain_upstream_host) {
             return Err(TokenError::RealmNotAllowed(realm.clone()));
         }
         let url = token_url(challenge);
@@ -319,8 +322,9 @@ fn token_url(challenge: &Challenge) -> String {
     format!("{}{sep}{}", challenge.realm, params.join("&"))
 }
 
-/// https anywhere; http only on loopback or the upstream's own host.
-fn realm_allowed(realm: &Uri, upstream_host: &str) -> bool {
+/// https anywhere; http only on loopback, or on the upstream's host when
+/// that is reached over plain http too (`plain_upstream_host`, else empty).
+fn realm_allowed(realm: &Uri, plain_upstream_host: &str) -> bool {
     let host = realm.host().unwrap_or_default();
     match realm.scheme_str() {
         Some("https") => true,
@@ -330,7 +334,8 @@ fn realm_allowed(realm: &Uri, upstream_host: &str) -> bool {
                 || bare
                     .parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip.is_loopback())
-                || (!upstream_host.is_empty() && host.eq_ignore_ascii_case(upstream_host))
+                || (!plain_upstream_host.is_empty()
+                    && host.eq_ignore_ascii_case(plain_upstream_host))
         }
         _ => false,
     }
@@ -413,6 +418,19 @@ mod tests {
         assert!(ok("http://registry.internal:5001/token"));
         assert!(!ok("http://auth.example/token"));
         assert!(!ok("ftp://127.0.0.1/token"));
+        // An https upstream never has its realm's credentials sent in clear.
+        assert!(!realm_allowed(
+            &"http://registry.internal/token".parse().expect("uri"),
+            ""
+        ));
+        let mut cfg = crate::config::Config::default().upstream;
+        cfg.url = "https://registry.internal:5000".into();
+        assert_eq!(TokenClient::new(&cfg).plain_upstream_host, "");
+        cfg.url = "http://registry.internal:5000".into();
+        assert_eq!(
+            TokenClient::new(&cfg).plain_upstream_host,
+            "registry.internal"
+        );
     }
 
     #[test]
