@@ -127,7 +127,16 @@ async fn pushes_and_pulls_through_graft_with_tokens_and_the_registry_refuses_a_p
         -120,
     );
     let other = service.mint_for("app/other", PULL);
-    for token in [expired, other] {
+    let access = [common::token::Access::repository("app/one", PULL)];
+    let wrong_issuer = service.mint_with("pusher", &access, 300, |claims| {
+        claims["iss"] = "someone-else".into();
+    });
+    let valid = Api::for_registry(&registry).with_bearer(&service.mint_for("app/one", PULL));
+    assert_eq!(
+        valid.get_manifest("app/one", &image.digest).await,
+        image.manifest
+    );
+    for token in [expired, other, wrong_issuer] {
         let direct = Api::for_registry(&registry).with_bearer(&token);
         let response =
             Api::send(direct.get(&format!("/v2/app/one/manifests/{}", image.digest))).await;

@@ -282,7 +282,20 @@ impl TokenService {
     /// in [`TokenService::issued`]. Use it for tokens no user could get: an
     /// expired one, one for a repository the user cannot access.
     pub fn mint(&self, subject: &str, access: &[Access], ttl_secs: i64) -> String {
-        self.shared.signer.token(subject, access, ttl_secs)
+        self.shared.signer.token(subject, access, ttl_secs, |_| {})
+    }
+
+    /// Like [`TokenService::mint`], with the claims changed by `edit` before
+    /// signing (a wrong `iss` or `aud`, an `nbf` in the future…). A token
+    /// no registry trusts comes from another `TokenService`.
+    pub fn mint_with(
+        &self,
+        subject: &str,
+        access: &[Access],
+        ttl_secs: i64,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> String {
+        self.shared.signer.token(subject, access, ttl_secs, edit)
     }
 
     /// `mint` for one repository and `actions`, valid for the configured
@@ -366,7 +379,7 @@ fn answer(head: &str, shared: &Shared) -> (&'static str, String) {
         .collect();
     let ttl = shared.options.expires_in.as_secs() as i64;
     let subject = user.clone().unwrap_or_default();
-    let token = shared.signer.token(&subject, &access, ttl);
+    let token = shared.signer.token(&subject, &access, ttl, |_| {});
     shared.issued.lock().expect("issued list").push(Issued {
         user,
         access,
@@ -544,7 +557,13 @@ impl Signer {
     }
 
     /// A signed JWT for `subject` with `access`, expiring `ttl_secs` from now.
-    fn token(&self, subject: &str, access: &[Access], ttl_secs: i64) -> String {
+    fn token(
+        &self,
+        subject: &str,
+        access: &[Access],
+        ttl_secs: i64,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock after 1970")
@@ -556,7 +575,7 @@ impl Signer {
             "alg": self.key.alg(),
             "x5c": [STANDARD.encode(&self.leaf_der)],
         });
-        let claims = serde_json::json!({
+        let mut claims = serde_json::json!({
             "iss": ISSUER,
             "sub": subject,
             "aud": SERVICE,
@@ -566,6 +585,7 @@ impl Signer {
             "jti": format!("jti-{}", self.serial.fetch_add(1, Ordering::SeqCst)),
             "access": access.iter().map(Access::to_json).collect::<Vec<_>>(),
         });
+        edit(&mut claims);
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
