@@ -135,6 +135,116 @@ pub struct GraftClientArgs {
         hide_env_values = true
     )]
     pub password: Option<Secret>,
+    /// A Bearer token to send instead of a user and password (one the
+    /// registry's token service issued); prefer the environment variable.
+    #[arg(
+        long,
+        env = "GRAFT_CLIENT_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with_all = ["username", "password"]
+    )]
+    pub token: Option<Secret>,
+    /// Docker config.json whose `auths.<graft host>.auth` (base64
+    /// user:password) is used when neither --username nor --token is given
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, env = "GRAFT_DOCKER_CONFIG", value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+}
+
+impl GraftClientArgs {
+    /// The `Authorization` a command sends to graft as a registry client:
+    /// Basic from --username/--password, Bearer from --token, else Basic
+    /// from the docker config.json entry for graft's host, else none.
+    pub fn authorization(&self) -> Result<Option<http::HeaderValue>, String> {
+        if let Some(token) = &self.token {
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .map_err(|_| "--token is not a valid header value".to_string())?;
+            value.set_sensitive(true);
+            return Ok(Some(value));
+        }
+        match (self.username.as_deref(), self.password.as_ref()) {
+            (None, Some(_)) => Err("--password needs --username".into()),
+            (Some(user), password) => basic(user, password.map(Secret::expose)).map(Some),
+            (None, None) => match self.docker_config_credentials()? {
+                Some((user, password)) => basic(&user, Some(&password)).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// The user and password docker's config.json keeps for graft's host.
+    /// An explicit --docker-config must exist; the default one may not.
+    fn docker_config_credentials(&self) -> Result<Option<(String, String)>, String> {
+        let (path, explicit) = match &self.docker_config {
+            Some(p) => (p.clone(), true),
+            None => match default_docker_config() {
+                Some(p) => (p, false),
+                None => return Ok(None),
+            },
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(_) if !explicit => return Ok(None),
+            Err(e) => return Err(format!("--docker-config {}: {e}", path.display())),
+        };
+        let host = self
+            .graft
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        docker_auth(&text, &host).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn default_docker_config() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker").join("config.json"))
+}
+
+/// The `auths` entry of a docker config.json for `host` (keys may carry a
+/// scheme and a path, as `docker login` writes them), decoded.
+fn docker_auth(text: &str, host: &str) -> Result<Option<(String, String)>, String> {
+    use base64::Engine as _;
+    let config: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let Some(auths) = config.get("auths").and_then(|a| a.as_object()) else {
+        return Ok(None);
+    };
+    let entry = auths.iter().find(|(key, _)| {
+        let key = key.split_once("://").map_or(key.as_str(), |(_, rest)| rest);
+        key.split('/').next() == Some(host)
+    });
+    let Some(encoded) = entry
+        .and_then(|(_, e)| e.get("auth"))
+        .and_then(|a| a.as_str())
+    else {
+        return Ok(None);
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|d| String::from_utf8(d).ok())
+        .ok_or_else(|| format!("the auth of `{host}` is not base64 of user:password"))?;
+    let (user, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| format!("the auth of `{host}` is not user:password"))?;
+    Ok(Some((user.to_owned(), password.to_owned())))
+}
+
+/// `Basic base64(user:password)`, marked sensitive.
+fn basic(user: &str, password: Option<&str>) -> Result<http::HeaderValue, String> {
+    let cfg = crate::config::UpstreamConfig {
+        username: Some(user.to_string()),
+        password: password.map(str::to_string),
+        ..Config::default().upstream
+    };
+    cfg.own_authorization()
+        .ok_or_else(|| "the credentials are not a valid header value".into())
 }
 
 /// Options shared by every command that reads the configuration.
@@ -156,7 +266,8 @@ pub struct ConfigArgs {
     /// system roots [config: upstream.ca_file]
     #[arg(long, env = "GRAFT_UPSTREAM_CA_FILE", value_name = "FILE")]
     pub upstream_ca_file: Option<String>,
-    /// graft's own upstream user for background work (basic auth)
+    /// graft's own upstream user for fallback-tag upkeep (basic auth, or
+    /// for Bearer tokens from the registry's realm)
     /// [config: upstream.username]
     #[arg(long, env = "GRAFT_UPSTREAM_USERNAME", value_name = "USER")]
     pub upstream_username: Option<String>,
@@ -442,5 +553,36 @@ mod tests {
         assert_eq!(args.client.graft, "http://127.0.0.1:6000");
         assert_eq!(args.jobs, 2);
         assert!(Cli::try_parse_from(["graft", "cache", "warm"]).is_err());
+    }
+
+    #[test]
+    fn docker_config_auths_are_found_by_graft_s_host() {
+        let text = r#"{"auths":{
+            "https://index.docker.io/v1/":{"auth":"eDp5"},
+            "http://127.0.0.1:5001":{"auth":"Y2k6czNjcjN0OndpdGg6Y29sb25z"}}}"#;
+        assert_eq!(
+            docker_auth(text, "127.0.0.1:5001").expect("readable"),
+            Some(("ci".to_owned(), "s3cr3t:with:colons".to_owned()))
+        );
+        assert_eq!(docker_auth(text, "127.0.0.1:6000").expect("readable"), None);
+        assert!(docker_auth(r#"{"auths":{"h":{"auth":"!!"}}}"#, "h").is_err());
+
+        let cli = Cli::try_parse_from(["graft", "referrers", "a@sha256:x", "--token", "t"])
+            .expect("parses");
+        let Command::Referrers(args) = cli.command else {
+            panic!("not referrers")
+        };
+        let auth = args.client.authorization().expect("valid").expect("some");
+        assert_eq!(auth.to_str().ok(), Some("Bearer t"));
+        assert!(Cli::try_parse_from([
+            "graft",
+            "referrers",
+            "a@sha256:x",
+            "--token",
+            "t",
+            "--username",
+            "u"
+        ])
+        .is_err());
     }
 }

@@ -130,9 +130,12 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// How long `/readyz` waits for the upstream's `/v2/`.
     pub ready_timeout: Duration,
-    /// graft's own upstream credentials (basic auth), used only for work no
-    /// client is waiting on: finishing owed fallback-tag writes after a
-    /// restart, `graft reindex`. Never sent on a client's behalf.
+    /// graft's own upstream credentials (basic auth, or exchanged at the
+    /// registry's token realm for Bearer tokens), used only for graft's own
+    /// upkeep: finishing owed fallback-tag writes after a restart, fallback
+    /// tags a client's token may not write, `graft reindex`. Never used to
+    /// answer a client. In front of a token registry they need push rights
+    /// on the repositories graft serves.
     pub username: Option<String>,
     pub password: Option<String>,
 }

@@ -30,6 +30,8 @@
 //! - [`failpoint`]: crash points for the kill tests (feature `failpoints`).
 //! - [`upstream`]: the pooled client to the registry, header hygiene and URL
 //!   rewriting.
+//! - [`token`]: Bearer tokens for requests made with graft's own
+//!   credentials (the Docker token protocol).
 //! - [`oci`]: the spec's nouns (`Digest`, `RepoName`, `Reference`, error codes).
 //! - [`error`]: the one place errors become OCI error responses.
 //! - [`body`]: the one body type, and byte counting for the access log.
@@ -52,6 +54,7 @@ pub(crate) mod referrers;
 pub(crate) mod request_id;
 pub(crate) mod route;
 pub(crate) mod server;
+pub(crate) mod token;
 pub(crate) mod upstream;
 
 use std::future::Future;

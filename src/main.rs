@@ -6,9 +6,7 @@ mod progress;
 use std::process::ExitCode;
 
 use clap::Parser;
-use graft::cli::{
-    CacheCommand, CacheWarmArgs, Cli, Command, GraftClientArgs, ReferrersArgs, ReindexArgs,
-};
+use graft::cli::{CacheCommand, CacheWarmArgs, Cli, Command, ReferrersArgs, ReindexArgs};
 use graft::config::{Config, ConfigErrors, LogFormat};
 use progress::{Bar, Lines};
 use tracing_subscriber::fmt::MakeWriter;
@@ -104,7 +102,7 @@ fn referrers(args: &ReferrersArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let auth = match basic_auth(&args.client) {
+    let auth = match args.client.authorization() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("graft referrers: {e}");
@@ -192,7 +190,7 @@ fn cache_warm(args: &CacheWarmArgs) -> ExitCode {
             }
         }
     }
-    let auth = match basic_auth(&args.client) {
+    let auth = match args.client.authorization() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("graft cache warm: {e}");
@@ -231,24 +229,6 @@ fn finish<R: std::fmt::Display, E: std::fmt::Display>(
         Err(e) => {
             eprintln!("graft {command}: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// The `Authorization` a command sends to graft as a registry client.
-fn basic_auth(client: &GraftClientArgs) -> Result<Option<http::HeaderValue>, String> {
-    match (client.username.as_deref(), client.password.as_ref()) {
-        (None, None) => Ok(None),
-        (None, Some(_)) => Err("--password needs --username".into()),
-        (Some(user), password) => {
-            let cfg = graft::config::UpstreamConfig {
-                username: Some(user.to_string()),
-                password: password.map(|p| p.expose().to_string()),
-                ..graft::Config::default().upstream
-            };
-            cfg.own_authorization()
-                .map(Some)
-                .ok_or_else(|| "the credentials are not a valid header value".into())
         }
     }
 }

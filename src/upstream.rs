@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::{self, Body, CollectError};
 use crate::config::UpstreamConfig;
 use crate::error::Error;
+use crate::token::{self, Challenge, TokenClient};
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -30,6 +31,8 @@ pub struct Upstream {
     authority: HeaderValue,
     response_timeout: Duration,
     body_timeout: Duration,
+    /// Bearer tokens for requests made with graft's own credentials.
+    tokens: Arc<TokenClient>,
 }
 
 /// Why a request graft sent upstream got no usable answer. The head phase
@@ -228,7 +231,24 @@ impl Upstream {
                 .map_err(|e| Error::Startup(format!("upstream.url `{}`: {e}", cfg.url)))?,
             response_timeout: cfg.response_timeout,
             body_timeout: cfg.body_timeout,
+            tokens: Arc::new(TokenClient::new(cfg)),
         })
+    }
+
+    /// For the client-side commands (`graft referrers`, `graft cache
+    /// warm`): `auth` is the command's own, and a Bearer challenge is
+    /// answered with it (Basic), or anonymously (none); a Bearer `auth` is
+    /// sent as it is. Call before cloning.
+    pub fn client_credentials(mut self, auth: Option<&HeaderValue>) -> Upstream {
+        if let Some(t) = Arc::get_mut(&mut self.tokens) {
+            t.set_client_credentials(auth);
+        }
+        self
+    }
+
+    /// Whether `upstream.username` is configured (graft has an account).
+    pub(crate) fn has_own_credentials(&self) -> bool {
+        self.tokens.has_credentials()
     }
 
     pub fn origin(&self) -> &str {
@@ -294,8 +314,46 @@ impl Upstream {
 
     /// A request graft makes on its own account: reading or writing a
     /// fallback tag, checking a referrer. `auth` is the client's
-    /// `Authorization` (graft acts for that client) or graft's own.
+    /// `Authorization` (graft acts for that client) or graft's own; with
+    /// graft's own, a Bearer challenge is answered with a token fetched
+    /// with those credentials ([`crate::token`]) and the request sent once
+    /// more. A client's challenge is the client's to answer.
     pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Option<&HeaderValue>,
+        headers: &[(HeaderName, &str)],
+        body: Bytes,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if !self.tokens.is_own(auth) {
+            return self.call_once(method, path, auth, headers, body).await;
+        }
+        let cached = self.tokens.cached_for(&method, path);
+        let first = cached.as_ref().or(auth);
+        let resp = self
+            .call_once(method.clone(), path, first, headers, body.clone())
+            .await?;
+        if resp.status() != http::StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = Challenge::find(resp.headers()) else {
+            return Ok(resp);
+        };
+        let guess = token::scope_for(&method, path);
+        match self.tokens.token_for(self, &challenge, first, guess).await {
+            Ok(bearer) => {
+                self.call_once(method, path, Some(&bearer), headers, body)
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %path, "no token for graft's own request");
+                Ok(resp)
+            }
+        }
+    }
+
+    async fn call_once(
         &self,
         method: Method,
         path: &str,

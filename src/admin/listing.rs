@@ -61,7 +61,7 @@ pub enum ListError {
     Graft(String),
     #[error(
         "graft answered {0}: the upstream wants credentials that may read this repository \
-         (--username/--password)"
+         (--username/--password, --token or --docker-config)"
     )]
     Denied(StatusCode),
 }
@@ -83,7 +83,11 @@ pub async fn fetch(
 ) -> Result<Vec<Node>, ListError> {
     let mut cfg = Config::default().upstream;
     cfg.url = opts.graft.trim_end_matches('/').to_string();
-    let client = Upstream::new(&cfg).map_err(|e| ListError::Graft(e.to_string()))?;
+    let client = Upstream::new(&cfg)
+        .map_err(|e| ListError::Graft(e.to_string()))?
+        // A Bearer challenge passed through graft is answered as registry
+        // clients do, with the command's credentials.
+        .client_credentials(opts.auth.as_ref());
     let mut walk = Walk {
         client,
         opts,

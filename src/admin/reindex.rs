@@ -124,8 +124,10 @@ async fn reindex(
     progress: &dyn Progress,
 ) -> Result<ReindexSummary, ReindexError> {
     let index = Index::open(&config.storage.data_dir.join("index"))?;
-    let upstream = Upstream::new(&config.upstream)?;
     let auth = config.upstream.own_authorization();
+    // No client is involved: without an account, tokens are fetched
+    // anonymously.
+    let upstream = Upstream::new(&config.upstream)?.client_credentials(auth.as_ref());
     let referrers = Referrers::new(
         index,
         upstream.clone(),

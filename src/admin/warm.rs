@@ -163,7 +163,10 @@ pub async fn run(
     let mut cfg = Config::default().upstream;
     cfg.url = opts.graft.trim_end_matches('/').to_string();
     let client = Upstream::new(&cfg)
-        .map_err(|e| WarmError::Client(format!("--graft {}: {e}", opts.graft)))?;
+        .map_err(|e| WarmError::Client(format!("--graft {}: {e}", opts.graft)))?
+        // A Bearer challenge passed through graft is answered as registry
+        // clients do, with the command's credentials.
+        .client_credentials(opts.auth.as_ref());
     let mut warmer = Warmer {
         client,
         opts,
@@ -412,7 +415,7 @@ impl Warmer<'_> {
         if crate::upstream::is_denial(status) {
             return Err(format!(
                 "GET {path}: graft answered {status}: the upstream wants credentials that may \
-                 read this repository (--username/--password)"
+                 read this repository (--username/--password, --token or --docker-config)"
             ));
         }
         let body = self

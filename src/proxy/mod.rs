@@ -109,6 +109,13 @@ impl Proxy {
             move || r.upgrade().map_or(0, |r| r.recent_checks()),
         );
         register_tag_size_metrics(&metrics, &referrers);
+        let r = Arc::downgrade(&referrers);
+        metrics.register_counter_fn(
+            "graft_tag_writes_unauthorized",
+            "Fallback-tag writes refused to the client's credentials (or graft's own) for lack of \
+             rights; with no upstream.username configured they stay owed.",
+            move || r.upgrade().map_or(0, |r| r.tag_writes_unauthorized()),
+        );
         if let Some(cache) = &cache {
             register_cache_metrics(&metrics, cache);
         }

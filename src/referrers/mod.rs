@@ -87,6 +87,9 @@ pub struct Referrers {
     in_flight: moka::sync::Cache<(RepoName, Digest), ()>,
     /// What the fallback-tag size rule did (`referrers.max_tag_bytes`).
     tag_size: tag_fit::TagSizeCounters,
+    /// Tag writes a client's credentials could not make and graft had no
+    /// account of its own to make instead (`graft_tag_writes_unauthorized`).
+    unauthorized: tag_write::Unauthorized,
 }
 
 /// Longer than any forward can take (a buffered manifest, bounded by
@@ -105,6 +108,12 @@ impl Referrers {
     /// What the fallback-tag size rule did, for `/metrics`.
     pub(crate) fn tag_size(&self) -> &tag_fit::TagSizeCounters {
         &self.tag_size
+    }
+
+    /// Fallback-tag writes refused for lack of rights that graft could not
+    /// make with an account of its own, for `/metrics`.
+    pub fn tag_writes_unauthorized(&self) -> u64 {
+        self.unauthorized.count()
     }
 
     pub fn new(
@@ -137,6 +146,7 @@ impl Referrers {
             own_auth,
             keys,
             tag_size: tag_fit::TagSizeCounters::default(),
+            unauthorized: tag_write::Unauthorized::default(),
         })
     }
 

@@ -3,6 +3,8 @@
 //! written by clients that bypass graft survive. Writes for one
 //! (repository, tag) are serialized by [`super::writer::TagWriter`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
@@ -32,13 +34,29 @@ impl Referrers {
     }
 
     /// The write itself; the caller holds the tag's lock. Returns success.
+    /// A write the client's credentials may not make (a delete-scoped or
+    /// pull-only token) is made with graft's own, when it has them: graft
+    /// keeps its own tags true, and the client's answer does not depend on
+    /// it, so no access is widened.
     async fn write_tag_locked(
         &self,
         repo: &RepoName,
         subject: &Digest,
         auth: Option<&HeaderValue>,
     ) -> bool {
-        if let Err(e) = self.try_write_tag(repo, subject, auth).await {
+        let mut written = self.try_write_tag(repo, subject, auth).await;
+        let own = self.own_auth.as_ref();
+        if is_refusal(&written) {
+            if auth != own && self.upstream.has_own_credentials() {
+                tracing::info!(%repo, %subject, "the client's credentials may not write the fallback tag; writing it with graft's own");
+                written = self.try_write_tag(repo, subject, own).await;
+            }
+            if is_refusal(&written) {
+                self.unauthorized
+                    .note(repo, self.upstream.has_own_credentials());
+            }
+        }
+        if let Err(e) = written {
             tracing::warn!(%repo, %subject, error = %e, "fallback tag write failed; it stays owed");
             return false;
         }
@@ -302,5 +320,51 @@ impl Referrers {
             self.head_manifest(repo, digest, auth).await,
             Ok(StatusCode::NOT_FOUND)
         )
+    }
+}
+
+/// Whether a write failed because the upstream refused the credentials.
+fn is_refusal(written: &Result<(), Error>) -> bool {
+    matches!(written, Err(Error::UpstreamRefused { status, .. }) if crate::upstream::is_denial(*status))
+}
+
+/// Repositories graft has already said it cannot keep tags in, so the log
+/// says it once per repository (bounded: one forgotten is said again).
+const WARNED_CAPACITY: u64 = 10_000;
+
+/// Counts refused tag writes and says once per repository why they stay
+/// owed.
+pub(super) struct Unauthorized {
+    count: AtomicU64,
+    warned: moka::sync::Cache<RepoName, ()>,
+}
+
+impl Default for Unauthorized {
+    fn default() -> Self {
+        Unauthorized {
+            count: AtomicU64::new(0),
+            warned: moka::sync::Cache::builder()
+                .max_capacity(WARNED_CAPACITY)
+                .build(),
+        }
+    }
+}
+
+impl Unauthorized {
+    pub(super) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn note(&self, repo: &RepoName, has_account: bool) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if self.warned.contains_key(repo) {
+            return;
+        }
+        self.warned.insert(repo.clone(), ());
+        if has_account {
+            tracing::warn!(%repo, "graft's upstream account may not write fallback tags here; fallback-tag upkeep needs push rights on this repository (writes stay owed)");
+        } else {
+            tracing::warn!(%repo, "a client's credentials may not write a fallback tag and graft has no upstream account; fallback-tag upkeep needs upstream.username/password with push rights (writes stay owed)");
+        }
     }
 }
