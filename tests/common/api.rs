@@ -32,6 +32,9 @@ pub struct Api {
     base: String,
     /// Sent as HTTP basic auth on every request when set.
     basic_auth: Option<(String, String)>,
+    /// Sent as `Authorization: Bearer` on every request when set (a token
+    /// from [`super::token::TokenService`]).
+    bearer: Option<String>,
 }
 
 impl Api {
@@ -41,6 +44,7 @@ impl Api {
             http: http_client(None),
             base: base_url.trim_end_matches('/').to_owned(),
             basic_auth: None,
+            bearer: None,
         }
     }
 
@@ -57,6 +61,7 @@ impl Api {
             http: http_client(registry.ca_der()),
             base: registry.url(),
             basic_auth: None,
+            bearer: None,
         };
         match registry.credentials() {
             Some((user, password)) => api.with_basic_auth(user, password),
@@ -66,6 +71,11 @@ impl Api {
 
     pub fn with_basic_auth(mut self, user: &str, password: &str) -> Api {
         self.basic_auth = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    pub fn with_bearer(mut self, token: &str) -> Api {
+        self.bearer = Some(token.to_owned());
         self
     }
 
@@ -90,8 +100,12 @@ impl Api {
     /// A request with this client's credentials.
     pub fn request(&self, method: Method, path_or_url: &str) -> RequestBuilder {
         let builder = self.http.request(method, self.url(path_or_url));
-        match &self.basic_auth {
+        let builder = match &self.basic_auth {
             Some((user, password)) => builder.basic_auth(user, Some(password)),
+            None => builder,
+        };
+        match &self.bearer {
+            Some(token) => builder.bearer_auth(token),
             None => builder,
         }
     }

@@ -12,6 +12,8 @@
 //! - [`image`]: test images (config + tar layers) and OCI image layouts.
 //! - [`fake`]: a raw TCP "upstream" that records requests and answers with
 //!   canned bytes, or never answers (timeouts, header hygiene).
+//! - [`token`]: a Docker token service issuing ES256 JWTs (with an `x5c`
+//!   chain to a test CA) for a registry started with `auth: token`.
 //!
 //! Every process, thread and temporary directory a helper starts is owned by
 //! a value whose `Drop` stops and removes it, also when a test panics.
@@ -29,12 +31,14 @@ pub mod graft;
 pub mod image;
 pub mod registry;
 pub mod shim;
+pub mod token;
 
 pub use api::Api;
 pub use fake::FakeUpstream;
 pub use graft::Graft;
 pub use image::TestImage;
-pub use registry::{Registry, RegistryOptions};
+pub use registry::{Registry, RegistryOptions, TokenAuth};
+pub use token::{TokenOptions, TokenService};
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

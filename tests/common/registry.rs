@@ -30,6 +30,22 @@ pub struct RegistryOptions {
     /// Serve HTTPS with a certificate for 127.0.0.1 and localhost, issued by
     /// a CA generated for this registry ([`Registry::ca_file`]).
     pub tls: bool,
+    /// Require Bearer tokens from a token service (`auth: token`), e.g.
+    /// [`super::token::TokenService::registry_auth`].
+    pub token_auth: Option<TokenAuth>,
+}
+
+/// The registry's `auth: token` section.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    /// Where clients fetch tokens (named in the registry's challenges).
+    pub realm: String,
+    /// The `service` of challenges, and the `aud` tokens must carry.
+    pub service: String,
+    /// The `iss` tokens must carry.
+    pub issuer: String,
+    /// PEM of the CA the tokens' `x5c` chains must lead to.
+    pub rootcertbundle: PathBuf,
 }
 
 impl RegistryOptions {
@@ -40,6 +56,11 @@ impl RegistryOptions {
 
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    pub fn token_auth(mut self, auth: TokenAuth) -> Self {
+        self.token_auth = Some(auth);
         self
     }
 }
@@ -63,6 +84,7 @@ pub struct Registry {
     port: u16,
     tls: Option<TestCa>,
     basic_auth: Option<(String, String)>,
+    token_auth: Option<TokenAuth>,
     child: Option<Child>,
 }
 
@@ -94,6 +116,7 @@ impl Registry {
             port: 0,
             tls,
             basic_auth: options.basic_auth,
+            token_auth: options.token_auth,
             child: None,
         };
         for _ in 0..PORT_ATTEMPTS {
@@ -294,6 +317,16 @@ impl Registry {
             yaml.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: graft-test\n    path: {}\n",
                 self.dir.path().join("htpasswd").display()
+            ));
+        }
+        if let Some(token) = &self.token_auth {
+            yaml.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+                 rootcertbundle: {}\n",
+                token.realm,
+                token.service,
+                token.issuer,
+                token.rootcertbundle.display()
             ));
         }
         yaml
