@@ -245,6 +245,8 @@ impl AccessCache {
                 tracing::info!(%repo, "upstream unreachable; the client's token validates and grants pull");
                 true
             }
+            // Basic or no credentials: no token to judge.
+            Err(jwt::JwtError::NotBearer) => false,
             Err(why) => {
                 self.offline_tokens[1].fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%repo, %why, "upstream unreachable; the client's token does not authorize this pull");
