@@ -12,9 +12,11 @@
 //! `aud`, `exp`/`nbf` with distribution's own leeway, and an `access` claim
 //! granting `pull` on the repository — the checks distribution 2.8 makes, so
 //! graft vouches offline only for tokens the registry itself would accept.
-//! Keys named by `kid` or `jwk` alone are refused: distribution looks those
-//! up by libtrust fingerprint among the bundle's keys, which graft does not
-//! reimplement; token services that sign for distribution send `x5c`.
+//! The signing key is found as distribution finds it: from the `x5c` chain
+//! (Docker Hub style), or by a `kid` naming the libtrust fingerprint of a
+//! certificate's key in the bundle (Harbor, GitLab). A `jwk` header is
+//! refused (distribution accepts one only if it is a bundle key or carries
+//! its own chain; no token service graft knows of sends one).
 
 use std::path::Path;
 use std::time::Duration;
@@ -232,10 +234,47 @@ fn ecdsa_der(sig: &[u8], n: usize) -> Result<Vec<u8>, JwtError> {
     Ok(der)
 }
 
+/// The libtrust key id of a key (what distribution's `kid` names): the
+/// SHA-256 of its DER `SubjectPublicKeyInfo`, truncated to 240 bits, in
+/// base32 as twelve groups of four joined by `:`. `spki` is the SPKI's
+/// contents, as webpki gives them (without the outer SEQUENCE header).
+fn libtrust_key_id(spki: &[u8]) -> String {
+    use sha2::Digest as _;
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut der = vec![0x30];
+    match spki.len() {
+        n if n < 0x80 => der.push(n as u8),
+        n if n < 0x100 => der.extend([0x81, n as u8]),
+        n => der.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    der.extend_from_slice(spki);
+    let digest = sha2::Sha256::digest(&der);
+    // 30 bytes are 48 base32 digits exactly: no padding, no partial group.
+    let mut digits = String::with_capacity(59);
+    for chunk in digest[..30].chunks(5) {
+        let bits = chunk.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b));
+        for i in (0..8).rev() {
+            if digits.len() % 5 == 4 {
+                digits.push(':');
+            }
+            digits.push(char::from(ALPHABET[(bits >> (i * 5)) as usize & 31]));
+        }
+    }
+    digits
+}
+
+/// A certificate of the bundle: a trust anchor for `x5c` chains, and a
+/// key a `kid` may name.
+struct Trusted {
+    der: CertificateDer<'static>,
+    kid: String,
+}
+
 /// Validates registry tokens against the registry's token-signing bundle
 /// (`upstream.token_certificate`, `token_issuer`, `token_service`).
 pub struct TokenVerifier {
     anchors: Vec<TrustAnchor<'static>>,
+    trusted: Vec<Trusted>,
     issuer: String,
     service: String,
 }
@@ -283,8 +322,17 @@ impl TokenVerifier {
             .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("unusable certificate in the bundle ({e})"))?;
+        let trusted = certs
+            .into_iter()
+            .zip(&anchors)
+            .map(|(der, anchor)| Trusted {
+                kid: libtrust_key_id(&anchor.subject_public_key_info),
+                der,
+            })
+            .collect();
         Ok(TokenVerifier {
             anchors,
+            trusted,
             issuer: issuer.to_string(),
             service: service.to_string(),
         })
@@ -345,7 +393,8 @@ impl TokenVerifier {
         Ok(())
     }
 
-    /// The `x5c` chain up to the bundle, then the signature with its leaf.
+    /// The signing key, found as distribution finds it (`x5c`, else `jwk`,
+    /// else `kid`), then the signature with it.
     fn check_signature(
         &self,
         header: &Header,
@@ -356,23 +405,59 @@ impl TokenVerifier {
             return Err(JwtError::Malformed("unsupported crit header"));
         }
         let (alg, ecdsa_len) = algorithm(&header.alg)?;
-        let chain = match &header.x5c {
-            Some(chain) if !chain.is_empty() => chain,
-            _ if header.jwk.is_some() => return Err(JwtError::KeyHeader("jwk")),
-            _ if header.kid.is_some() => return Err(JwtError::KeyHeader("kid")),
-            _ => return Err(JwtError::KeyHeader("nothing")),
+        let signature = if ecdsa_len > 0 {
+            ecdsa_der(&jws.signature, ecdsa_len)?
+        } else {
+            jws.signature.clone()
         };
-        let certs = chain
-            .iter()
-            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| JwtError::Malformed("x5c"))?;
-        let (leaf, intermediates) = certs
-            .split_first()
-            .ok_or(JwtError::Malformed("empty x5c"))?;
-        let leaf = EndEntityCert::try_from(leaf).map_err(JwtError::Chain)?;
+        let verify = |signer: &EndEntityCert<'_>| {
+            signer
+                .verify_signature(alg, jws.signing_input.as_bytes(), &signature)
+                .map_err(|_| JwtError::Signature)
+        };
+        match (&header.x5c, &header.kid) {
+            (Some(chain), _) if !chain.is_empty() => {
+                let certs = chain
+                    .iter()
+                    .map(|c| STANDARD.decode(c).map(CertificateDer::from))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| JwtError::Malformed("x5c"))?;
+                let (leaf, intermediates) = certs
+                    .split_first()
+                    .ok_or(JwtError::Malformed("empty x5c"))?;
+                verify(&self.verified_leaf(leaf, intermediates, now_secs)?)
+            }
+            _ if header.jwk.is_some() => Err(JwtError::KeyHeader("jwk")),
+            (_, Some(kid)) => {
+                // A bundle key, trusted as distribution trusts it: the
+                // certificate's dates are not looked at (nor by distribution).
+                let trusted = self
+                    .trusted
+                    .iter()
+                    .find(|t| t.kid == *kid)
+                    .ok_or(JwtError::KeyHeader("a kid outside the bundle"))?;
+                verify(&EndEntityCert::try_from(&trusted.der).map_err(JwtError::Chain)?)
+            }
+            _ => Err(JwtError::KeyHeader("nothing")),
+        }
+    }
+
+    /// The leaf of an `x5c` chain, once it chains to the bundle at
+    /// `now_secs`. A leaf that is itself a bundle certificate is trusted as
+    /// is (a self-signed signing certificate is commonly its own bundle, and
+    /// webpki refuses a CA certificate as a leaf where Go does not).
+    fn verified_leaf<'a>(
+        &self,
+        leaf: &'a CertificateDer<'a>,
+        intermediates: &'a [CertificateDer<'a>],
+        now_secs: u64,
+    ) -> Result<EndEntityCert<'a>, JwtError> {
+        let cert = EndEntityCert::try_from(leaf).map_err(JwtError::Chain)?;
+        if self.trusted.iter().any(|t| t.der == *leaf) {
+            return Ok(cert);
+        }
         let time = UnixTime::since_unix_epoch(Duration::from_secs(now_secs));
-        leaf.verify_for_usage(
+        cert.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &self.anchors,
             intermediates,
@@ -382,12 +467,6 @@ impl TokenVerifier {
             None,
         )
         .map_err(JwtError::Chain)?;
-        let signature = if ecdsa_len > 0 {
-            ecdsa_der(&jws.signature, ecdsa_len)?
-        } else {
-            jws.signature.clone()
-        };
-        leaf.verify_signature(alg, jws.signing_input.as_bytes(), &signature)
-            .map_err(|_| JwtError::Signature)
+        Ok(cert)
     }
 }

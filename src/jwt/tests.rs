@@ -67,6 +67,9 @@ impl Signer {
         let h = header.as_object_mut().expect("object");
         h.entry("alg").or_insert(json!(alg));
         h.entry("x5c").or_insert(json!(self.chain));
+        if h["x5c"].is_null() {
+            h.remove("x5c");
+        }
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -261,7 +264,7 @@ fn an_intermediate_in_x5c_chains_to_the_bundle() {
 }
 
 #[test]
-fn alg_none_hmac_and_keys_without_x5c_are_refused() {
+fn alg_none_hmac_jwk_and_tokens_naming_no_key_are_refused() {
     let s = Signer::new(false);
     let v = s.verifier();
     let c = claims("app", &["pull"]);
@@ -279,10 +282,15 @@ fn alg_none_hmac_and_keys_without_x5c_are_refused() {
         check(&v, &hs, "app", NOW),
         Err(JwtError::Algorithm)
     ));
-    let kid = s.mint_with(json!({"kid": "ABCD:EFGH", "x5c": []}), c.clone());
+    let jwk = s.mint_with(json!({"jwk": {"kty": "EC"}, "x5c": null}), c.clone());
     assert!(matches!(
-        check(&v, &kid, "app", NOW),
-        Err(JwtError::KeyHeader("kid"))
+        check(&v, &jwk, "app", NOW),
+        Err(JwtError::KeyHeader("jwk"))
+    ));
+    let bare = s.mint_with(json!({"x5c": null}), c.clone());
+    assert!(matches!(
+        check(&v, &bare, "app", NOW),
+        Err(JwtError::KeyHeader(_))
     ));
     let crit = s.mint_with(json!({"crit": ["exp"]}), c);
     assert!(matches!(
@@ -334,4 +342,81 @@ fn the_unverified_expiry_is_read_from_bearer_jwts_only() {
 fn a_bundle_without_certificates_is_refused() {
     assert!(TokenVerifier::from_pem(b"", ISSUER, SERVICE).is_err());
     assert!(TokenVerifier::from_pem(RSA_KEY.as_bytes(), ISSUER, SERVICE).is_err());
+}
+
+#[test]
+fn a_kid_naming_a_bundle_key_and_a_bundle_certificate_as_its_own_chain_are_accepted() {
+    // A self-signed (CA) signing certificate that is its own bundle, as
+    // Harbor and GitLab set up their registries.
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "self-signed token signer");
+    let cert = params.self_signed(&key).expect("self-signed");
+    let s = Signer {
+        ca_pem: cert.pem(),
+        chain: vec![STANDARD.encode(cert.der())],
+        key,
+        rsa: false,
+    };
+    let v = s.verifier();
+    let c = claims("app", &["pull"]);
+    check(&v, &s.mint(c.clone()), "app", NOW).expect("the bundle certificate as x5c");
+
+    let kid = libtrust_key_id(&v.anchors[0].subject_public_key_info);
+    assert_eq!(kid.len(), 59);
+    assert_eq!(kid.split(':').count(), 12);
+    let by_kid = s.mint_with(json!({"kid": kid, "x5c": null}), c.clone());
+    check(&v, &by_kid, "app", NOW).expect("a kid naming the bundle key");
+
+    // A kid naming another key, or the right kid on another key's signature.
+    let other = Signer::new(false);
+    let other_kid = libtrust_key_id(&other.verifier().anchors[0].subject_public_key_info);
+    let wrong = s.mint_with(json!({"kid": other_kid, "x5c": null}), c.clone());
+    assert!(matches!(
+        check(&v, &wrong, "app", NOW),
+        Err(JwtError::KeyHeader(_))
+    ));
+    let forged = other.mint_with(json!({"kid": kid, "x5c": null}), c);
+    assert!(matches!(
+        check(&v, &forged, "app", NOW),
+        Err(JwtError::Signature)
+    ));
+}
+
+#[test]
+fn the_libtrust_key_id_is_sha256_of_the_spki_in_base32_groups() {
+    use sha2::Digest as _;
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    // The SPKI of a P-256 key has a one-byte DER length; of the 2048-bit
+    // RSA key, a two-byte one.
+    for key in [
+        KeyPair::generate().expect("EC key"),
+        KeyPair::from_pem(RSA_KEY).expect("RSA key"),
+    ] {
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        // Bit by bit, independently of the implementation's arithmetic.
+        let digest = sha2::Sha256::digest(&spki);
+        let bits: Vec<usize> = digest[..30]
+            .iter()
+            .flat_map(|byte| (0..8).rev().map(move |i| usize::from((byte >> i) & 1)))
+            .collect();
+        let digits: Vec<char> = bits
+            .chunks(5)
+            .map(|c| char::from(ALPHABET[c.iter().fold(0, |a, b| a * 2 + b)]))
+            .collect();
+        let expected = digits
+            .chunks(4)
+            .map(|g| g.iter().collect::<String>())
+            .collect::<Vec<_>>()
+            .join(":");
+        // webpki hands over the SPKI without its outer SEQUENCE header.
+        let header_len = match spki[1] {
+            n if n & 0x80 == 0 => 2,
+            n => 2 + usize::from(n & 0x7f),
+        };
+        assert_eq!(libtrust_key_id(&spki[header_len..]), expected);
+    }
 }
