@@ -9,11 +9,14 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use common::token::{Access, Grant, PULL, PUSH_PULL};
 use common::{
     assert_oci_error, header_str, read_metric, Api, Graft, Registry, RegistryOptions, TestImage,
+    TokenAuth,
 };
 use common::{TokenOptions, TokenService};
 use graft::clock::Clock;
@@ -196,4 +199,113 @@ async fn offline_with_the_signing_certificate_a_fresh_token_granting_pull_is_ser
         served,
         "nothing more was served on a token"
     );
+}
+
+/// A token signer of the Harbor and GitLab kind, which the harness's
+/// service is not: a self-signed certificate that is the registry's whole
+/// bundle, its key named in tokens by `kid` (the libtrust fingerprint),
+/// with no `x5c`.
+struct KidSigner {
+    dir: tempfile::TempDir,
+    key: ring::signature::EcdsaKeyPair,
+    kid: String,
+}
+
+impl KidSigner {
+    fn new() -> KidSigner {
+        use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "kid token signer");
+        let cert = params.self_signed(&key).expect("self-signed");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("bundle.pem"), cert.pem()).expect("write bundle");
+        let kid = libtrust_key_id(&key.subject_public_key_info());
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(alg, &key.serialize_der(), &rng)
+            .expect("ring reads the key");
+        KidSigner { dir, key, kid }
+    }
+
+    fn bundle(&self) -> std::path::PathBuf {
+        self.dir.path().join("bundle.pem")
+    }
+
+    /// An ES256 token naming its key by `kid`, valid for five minutes.
+    fn mint(&self, service: &TokenService, repo: &str, actions: &[&str]) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
+        let claims = serde_json::json!({
+            "iss": service.issuer(), "sub": "ci", "aud": service.service(),
+            "exp": now + 300, "nbf": now - 1, "iat": now, "jti": format!("{now}-{repo}-{actions:?}"),
+            "access": [{"type": "repository", "name": repo, "actions": actions}],
+        });
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let rng = ring::rand::SystemRandom::new();
+        let sig = self.key.sign(&rng, input.as_bytes()).expect("sign");
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+}
+
+/// libtrust's key id, written here independently of graft's: SHA-256 of
+/// the DER SPKI, the first 240 bits in base32, twelve groups of four.
+fn libtrust_key_id(spki: &[u8]) -> String {
+    use sha2::Digest as _;
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = sha2::Sha256::digest(spki);
+    let bits: Vec<usize> = digest[..30]
+        .iter()
+        .flat_map(|byte| (0..8).rev().map(move |i| usize::from((byte >> i) & 1)))
+        .collect();
+    let digits: Vec<char> = bits
+        .chunks(5)
+        .map(|c| char::from(ALPHABET[c.iter().fold(0, |a, b| a * 2 + b)]))
+        .collect();
+    digits
+        .chunks(4)
+        .map(|g| g.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[tokio::test]
+async fn offline_a_kid_token_the_registry_accepts_is_validated_by_graft_too() {
+    let image = TestImage::build(1);
+    // The harness's service only lends its issuer, audience and realm.
+    let service = TokenService::start(TokenOptions::default());
+    let signer = KidSigner::new();
+    let mut registry = Registry::start_with(RegistryOptions::default().token_auth(TokenAuth {
+        rootcertbundle: signer.bundle(),
+        ..service.registry_auth()
+    }));
+    // The registry itself takes the kid token: the fingerprint is libtrust's.
+    Api::for_registry(&registry)
+        .with_bearer(&signer.mint(&service, "app", PUSH_PULL))
+        .push_image("app", "v1", &image)
+        .await;
+    let graft = Graft::start_with(&registry, |c| {
+        c.upstream.token_certificate = Some(signer.bundle());
+        c.upstream.token_issuer = Some(service.issuer().to_owned());
+        c.upstream.token_service = Some(service.service().to_owned());
+    });
+    let layer = &image.layers[0];
+    let cacher = Api::for_graft(&graft).with_bearer(&signer.mint(&service, "app", PULL));
+    assert_eq!(cacher.get_blob("app", &layer.digest).await, layer.data);
+    registry.stop();
+
+    let fresh = Api::for_graft(&graft).with_bearer(&signer.mint(&service, "app", &["*"]));
+    assert_eq!(fresh.get_blob("app", &layer.digest).await, layer.data);
+    let elsewhere = Api::for_graft(&graft).with_bearer(&signer.mint(&service, "other", PULL));
+    let blob_path = format!("/v2/app/blobs/{}", layer.digest);
+    assert_oci_error(Api::send(elsewhere.get(&blob_path)).await, 502, None).await;
 }
