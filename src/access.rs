@@ -79,13 +79,20 @@ impl Kind {
 
 type Key = (RepoName, CredKey);
 
-/// A remembered yes, in [`Clock::now_millis`].
+/// A remembered answer of the upstream, in [`Clock::now_millis`].
 #[derive(Clone, Copy, Debug)]
 struct Yes {
     at_ms: u64,
     /// The token's `exp` (`u64::MAX` for credentials without one): past it
-    /// the yes stands for nothing.
+    /// the yes stands for nothing. [`Yes::NO`] marks a no.
     until_ms: u64,
+}
+
+impl Yes {
+    /// `until_ms` of a remembered no (401/403): it stands for nothing, and
+    /// while it is remembered a token is not validated offline either —
+    /// the upstream's last word on these credentials was no.
+    const NO: u64 = 0;
 }
 
 fn until_ms(until_secs: Option<u64>) -> u64 {
@@ -211,8 +218,13 @@ impl AccessCache {
         }
     }
 
+    /// The upstream said no to these credentials on `repo`.
     pub fn forget(&self, repo: &RepoName, cred: CredKey) {
-        self.yes.invalidate(&(repo.clone(), cred));
+        let no = Yes {
+            at_ms: self.clock.now_millis(),
+            until_ms: Yes::NO,
+        };
+        self.yes.insert((repo.clone(), cred), no);
         self.index.access().forget(repo, &cred);
     }
 
@@ -230,7 +242,12 @@ impl AccessCache {
     /// that validates against the registry's signing certificate and grants
     /// pull on `repo`.
     pub async fn stale_yes(&self, repo: &RepoName, auth: Option<&HeaderValue>) -> bool {
-        self.remembered_stale(repo, self.key(auth)).await || self.token_grants_pull(repo, auth)
+        let cred = self.key(auth);
+        let remembered = self.yes.get(&(repo.clone(), cred));
+        if remembered.is_some_and(|y| y.until_ms == Yes::NO) {
+            return false;
+        }
+        self.remembered_stale(repo, cred, remembered).await || self.token_grants_pull(repo, auth)
     }
 
     /// The offline judgement of a token graft never vouched for (or whose
@@ -261,9 +278,15 @@ impl AccessCache {
     /// memory holds no yes at all (the index copy is never newer than
     /// memory's). It is not copied back into memory: a no arriving while
     /// the read runs would otherwise be undone by the copy.
-    async fn remembered_stale(&self, repo: &RepoName, cred: CredKey) -> bool {
+    /// `in_memory`: what memory holds for the key, already looked up.
+    async fn remembered_stale(
+        &self,
+        repo: &RepoName,
+        cred: CredKey,
+        in_memory: Option<Yes>,
+    ) -> bool {
         let stands = |y: Yes| self.within(y.at_ms, self.max_stale) && self.before(y.until_ms);
-        if let Some(yes) = self.yes.get(&(repo.clone(), cred)) {
+        if let Some(yes) = in_memory {
             return stands(yes);
         }
         let (index, repo) = (self.index.clone(), repo.clone());
@@ -387,6 +410,12 @@ mod tests {
         )
     }
 
+    /// Whether a remembered yes stands offline for `cred` (no token).
+    async fn stale(cache: &AccessCache, repo: &RepoName, cred: CredKey) -> bool {
+        let in_memory = cache.yes.get(&(repo.clone(), cred));
+        cache.remembered_stale(repo, cred, in_memory).await
+    }
+
     fn repo(name: &str) -> RepoName {
         RepoName::parse(name).expect("valid repository name")
     }
@@ -421,7 +450,7 @@ mod tests {
         });
         let (app, alice) = (repo("app"), cred(1));
         assert!(!cache.fresh_yes(&app, alice));
-        assert!(!cache.remembered_stale(&app, alice).await);
+        assert!(!stale(&cache, &app, alice).await);
 
         cache.remember(&app, alice, None);
         assert!(cache.fresh_yes(&app, alice));
@@ -430,13 +459,10 @@ mod tests {
 
         cache.clock.advance(Duration::from_secs(60));
         assert!(!cache.fresh_yes(&app, alice), "auth_ttl passed");
-        assert!(cache.remembered_stale(&app, alice).await);
+        assert!(stale(&cache, &app, alice).await);
 
         cache.clock.advance(Duration::from_secs(3540));
-        assert!(
-            !cache.remembered_stale(&app, alice).await,
-            "max_stale passed"
-        );
+        assert!(!stale(&cache, &app, alice).await, "max_stale passed");
     }
 
     #[tokio::test]
@@ -452,21 +478,18 @@ mod tests {
             c.cache.max_stale = Duration::from_secs(3600);
         });
         assert_eq!(after.remembered(), 0, "memory starts empty");
-        assert!(
-            after.remembered_stale(&app, alice).await,
-            "read from the index"
-        );
+        assert!(stale(&after, &app, alice).await, "read from the index");
         assert!(
             !after.fresh_yes(&app, alice),
             "never fresh without the upstream"
         );
-        assert!(!after.remembered_stale(&app, cred(2)).await);
+        assert!(!stale(&after, &app, cred(2)).await);
 
         after.forget(&app, alice);
-        assert!(!after.remembered_stale(&app, alice).await);
+        assert!(!stale(&after, &app, alice).await);
         let again = access(dir.path(), index, |_| {});
         assert!(
-            !again.remembered_stale(&app, alice).await,
+            !stale(&again, &app, alice).await,
             "forgotten in the index too"
         );
     }

@@ -309,3 +309,34 @@ async fn offline_a_kid_token_the_registry_accepts_is_validated_by_graft_too() {
     let blob_path = format!("/v2/app/blobs/{}", layer.digest);
     assert_oci_error(Api::send(elsewhere.get(&blob_path)).await, 502, None).await;
 }
+
+#[tokio::test]
+async fn offline_a_token_the_upstream_refused_stays_refused_though_it_validates() {
+    let image = TestImage::build(1);
+    // The registry trusts the kid signer only; graft (misconfigured, or
+    // after a key rotation) trusts the harness's token CA.
+    let service = TokenService::start(TokenOptions::default());
+    let signer = KidSigner::new();
+    let mut registry = Registry::start_with(RegistryOptions::default().token_auth(TokenAuth {
+        rootcertbundle: signer.bundle(),
+        ..service.registry_auth()
+    }));
+    Api::for_registry(&registry)
+        .with_bearer(&signer.mint(&service, "app", PUSH_PULL))
+        .push_image("app", "v1", &image)
+        .await;
+    let graft = graft_on(&registry, &Clock::skewable(), Some(&service));
+    let layer = &image.layers[0];
+    let blob_path = format!("/v2/app/blobs/{}", layer.digest);
+    let cacher = Api::for_graft(&graft).with_bearer(&signer.mint(&service, "app", PULL));
+    assert_eq!(cacher.get_blob("app", &layer.digest).await, layer.data);
+
+    let refused = Api::for_graft(&graft).with_bearer(&service.mint_for("app", PULL));
+    let resp = Api::send(refused.get(&blob_path)).await;
+    assert_eq!(resp.status().as_u16(), 401, "the registry's own no");
+    registry.stop();
+
+    assert_oci_error(Api::send(refused.get(&blob_path)).await, 502, None).await;
+    let unseen = Api::for_graft(&graft).with_bearer(&service.mint_for("app", PULL));
+    assert_eq!(unseen.get_blob("app", &layer.digest).await, layer.data);
+}
