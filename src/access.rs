@@ -210,7 +210,7 @@ impl AccessCache {
         self.yes.insert(key, yes);
         // Persisted (a key, never the credentials) so offline pulls survive
         // a restart.
-        if previous.is_none_or(|p| !self.within(p.at_ms, PERSIST_EVERY)) {
+        if previous.is_none_or(|p| p.until_ms == Yes::NO || !self.within(p.at_ms, PERSIST_EVERY)) {
             // Best effort: the index logs and counts its own failures.
             self.index
                 .access()
@@ -567,6 +567,23 @@ mod tests {
             "the persisted yes keeps the exp"
         );
         assert!(restarted.stale_yes(&app, Some(&basic)).await);
+    }
+
+    #[test]
+    fn a_yes_right_after_a_no_is_persisted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index.clone(), |_| {});
+        let (app, alice) = (repo("app"), cred(1));
+        cache.forget(&app, alice);
+        assert!(!cache.fresh_yes(&app, alice), "a no is no yes");
+        cache.remember(&app, alice, None);
+        assert!(cache.fresh_yes(&app, alice));
+        assert!(index
+            .access()
+            .remembered(&app, &alice)
+            .expect("read")
+            .is_some());
     }
 
     #[test]
