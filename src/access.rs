@@ -17,7 +17,18 @@
 //! also written to the index (as a key, at most every 30 s per key) so the
 //! offline rule holds across a restart; that copy is read on the blocking
 //! pool, and only when memory has nothing.
+//!
+//! A yes for a Bearer token never outlives the token's own `exp`, read from
+//! its claims unverified ([`jwt::unverified_expiry`]): past it graft asks
+//! the upstream again, and while the upstream is unreachable it refuses.
+//! Offline, a token graft never saw a yes for is honoured only when the
+//! operator configured the registry's token-signing certificate
+//! (`upstream.token_certificate`) and the token validates against it and
+//! grants pull on the repository ([`jwt::TokenVerifier`]). Online the
+//! upstream stays the only judge: a token that validates is still checked
+//! with the upstream.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +41,7 @@ use crate::config::CacheConfig;
 use crate::credentials::{CredKey, CredentialKeys};
 use crate::error::Error;
 use crate::index::Index;
+use crate::jwt::{self, TokenVerifier};
 use crate::metrics::{self, Metrics};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
@@ -67,6 +79,26 @@ impl Kind {
 
 type Key = (RepoName, CredKey);
 
+/// A remembered answer of the upstream, in [`Clock::now_millis`].
+#[derive(Clone, Copy, Debug)]
+struct Yes {
+    at_ms: u64,
+    /// The token's `exp` (`u64::MAX` for credentials without one): past it
+    /// the yes stands for nothing. [`Yes::NO`] marks a no.
+    until_ms: u64,
+}
+
+impl Yes {
+    /// `until_ms` of a remembered no (401/403): it stands for nothing, and
+    /// while it is remembered a token is not validated offline either —
+    /// the upstream's last word on these credentials was no.
+    const NO: u64 = 0;
+}
+
+fn until_ms(until_secs: Option<u64>) -> u64 {
+    until_secs.map_or(u64::MAX, |s| s.saturating_mul(1000))
+}
+
 pub struct AccessCache {
     upstream: Upstream,
     index: Index,
@@ -76,9 +108,14 @@ pub struct AccessCache {
     clock: Clock,
     ttl: Duration,
     max_stale: Duration,
-    /// [`Clock::now_millis`] of the last yes per key. Bounded by count and
-    /// by a time-to-live past which no yes could stand anyway.
-    yes: moka::sync::Cache<Key, u64>,
+    /// The last yes per key. Bounded by count and by a time-to-live past
+    /// which no yes could stand anyway.
+    yes: moka::sync::Cache<Key, Yes>,
+    /// Validates tokens offline (`upstream.token_certificate`); `None`: only
+    /// a remembered yes stands offline.
+    tokens: Option<TokenVerifier>,
+    /// Offline answers decided by validating a token: allowed, refused.
+    offline_tokens: [AtomicU64; 2],
 }
 
 /// The upstream failed in a way that is not an answer about access.
@@ -95,6 +132,7 @@ impl AccessCache {
         keys: CredentialKeys,
         config: &CacheConfig,
         clock: Clock,
+        tokens: Option<TokenVerifier>,
     ) -> AccessCache {
         let yes = moka::sync::Cache::builder()
             .max_capacity(config.auth_cache_capacity)
@@ -109,7 +147,21 @@ impl AccessCache {
             ttl: config.auth_ttl,
             max_stale: config.max_stale,
             yes,
+            tokens,
+            offline_tokens: Default::default(),
         }
+    }
+
+    /// Offline pulls allowed on a validated token (metric
+    /// `graft_auth_offline_token_pulls_total`).
+    pub fn offline_token_pulls(&self) -> u64 {
+        self.offline_tokens[0].load(Ordering::Relaxed)
+    }
+
+    /// Offline pulls refused because the token did not validate or grant
+    /// pull (metric `graft_auth_offline_token_refusals_total`).
+    pub fn offline_token_refusals(&self) -> u64 {
+        self.offline_tokens[1].load(Ordering::Relaxed)
     }
 
     /// The key these credentials are remembered under.
@@ -130,29 +182,94 @@ impl AccessCache {
         u128::from(self.clock.now_millis().saturating_sub(at_ms)) < window.as_millis()
     }
 
-    pub fn remember_yes(&self, repo: &RepoName, cred: CredKey) {
-        let key = (repo.clone(), cred);
+    /// Whether a moment `until_ms` (clock millis) is still ahead.
+    fn before(&self, until_ms: u64) -> bool {
+        self.clock.now_millis() < until_ms
+    }
+
+    /// The upstream said yes to these credentials on `repo`.
+    pub fn remember_yes(&self, repo: &RepoName, auth: Option<&HeaderValue>) {
+        self.remember(repo, self.key(auth), jwt::unverified_expiry(auth));
+    }
+
+    /// Remembers a yes for `cred`, standing until `until_secs` at the
+    /// latest (a token's `exp`).
+    fn remember(&self, repo: &RepoName, cred: CredKey, until_secs: Option<u64>) {
         let now = self.clock.now_millis();
+        let yes = Yes {
+            at_ms: now,
+            until_ms: until_ms(until_secs),
+        };
+        if !self.before(yes.until_ms) {
+            // A token the registry still took within its leeway: nothing
+            // to remember.
+            return;
+        }
+        let key = (repo.clone(), cred);
         let previous = self.yes.get(&key);
-        self.yes.insert(key, now);
+        self.yes.insert(key, yes);
         // Persisted (a key, never the credentials) so offline pulls survive
         // a restart.
-        if previous.is_none_or(|at| !self.within(at, PERSIST_EVERY)) {
+        if previous.is_none_or(|p| p.until_ms == Yes::NO || !self.within(p.at_ms, PERSIST_EVERY)) {
             // Best effort: the index logs and counts its own failures.
-            self.index.access().remember(repo, &cred, now / 1000);
+            self.index
+                .access()
+                .remember_until(repo, &cred, now / 1000, until_secs);
         }
     }
 
+    /// The upstream said no to these credentials on `repo`.
     pub fn forget(&self, repo: &RepoName, cred: CredKey) {
-        self.yes.invalidate(&(repo.clone(), cred));
+        let no = Yes {
+            at_ms: self.clock.now_millis(),
+            until_ms: Yes::NO,
+        };
+        self.yes.insert((repo.clone(), cred), no);
         self.index.access().forget(repo, &cred);
     }
 
-    /// Whether a yes within `auth_ttl` stands (no upstream round trip).
+    /// Whether a yes within `auth_ttl` (and before the token's `exp`)
+    /// stands (no upstream round trip).
     pub fn fresh_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
         self.yes
             .get(&(repo.clone(), cred))
-            .is_some_and(|at| self.within(at, self.ttl))
+            .is_some_and(|y| self.within(y.at_ms, self.ttl) && self.before(y.until_ms))
+    }
+
+    /// Whether these credentials may read cached content of `repo` while
+    /// the upstream cannot be asked: a remembered yes within `max_stale`
+    /// (and before the token's `exp`), or else, when configured, a token
+    /// that validates against the registry's signing certificate and grants
+    /// pull on `repo`.
+    pub async fn stale_yes(&self, repo: &RepoName, auth: Option<&HeaderValue>) -> bool {
+        let cred = self.key(auth);
+        let remembered = self.yes.get(&(repo.clone(), cred));
+        if remembered.is_some_and(|y| y.until_ms == Yes::NO) {
+            return false;
+        }
+        self.remembered_stale(repo, cred, remembered).await || self.token_grants_pull(repo, auth)
+    }
+
+    /// The offline judgement of a token graft never vouched for (or whose
+    /// remembered yes lapsed), counted and logged without the token.
+    fn token_grants_pull(&self, repo: &RepoName, auth: Option<&HeaderValue>) -> bool {
+        let Some(tokens) = &self.tokens else {
+            return false;
+        };
+        match tokens.grants_pull(auth, repo.as_str(), self.clock.now_secs()) {
+            Ok(()) => {
+                self.offline_tokens[0].fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%repo, "upstream unreachable; the client's token validates and grants pull");
+                true
+            }
+            // Basic or no credentials: no token to judge.
+            Err(jwt::JwtError::NotBearer) => false,
+            Err(why) => {
+                self.offline_tokens[1].fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%repo, %why, "upstream unreachable; the client's token does not authorize this pull");
+                false
+            }
+        }
     }
 
     /// Whether a yes within `max_stale` stands (upstream unreachable),
@@ -161,17 +278,29 @@ impl AccessCache {
     /// memory holds no yes at all (the index copy is never newer than
     /// memory's). It is not copied back into memory: a no arriving while
     /// the read runs would otherwise be undone by the copy.
-    pub async fn stale_yes(&self, repo: &RepoName, cred: CredKey) -> bool {
-        if let Some(at) = self.yes.get(&(repo.clone(), cred)) {
-            return self.within(at, self.max_stale);
+    /// `in_memory`: what memory holds for the key, already looked up.
+    async fn remembered_stale(
+        &self,
+        repo: &RepoName,
+        cred: CredKey,
+        in_memory: Option<Yes>,
+    ) -> bool {
+        let stands = |y: Yes| self.within(y.at_ms, self.max_stale) && self.before(y.until_ms);
+        if let Some(yes) = in_memory {
+            return stands(yes);
         }
         let (index, repo) = (self.index.clone(), repo.clone());
-        tokio::task::spawn_blocking(move || index.access().remembered(&repo, &cred))
+        tokio::task::spawn_blocking(move || index.access().remembered_until(&repo, &cred))
             .await
             .ok()
             .and_then(Result::ok)
             .flatten()
-            .is_some_and(|at_secs| self.within(at_secs.saturating_mul(1000), self.max_stale))
+            .is_some_and(|(at_secs, until_secs)| {
+                stands(Yes {
+                    at_ms: at_secs.saturating_mul(1000),
+                    until_ms: until_ms(until_secs),
+                })
+            })
     }
 
     /// Whether the upstream confirmed `repo` holds `digest` (a sled read,
@@ -230,7 +359,7 @@ impl AccessCache {
             .await;
         let unreachable = match outcome {
             Ok(resp) if resp.status().is_success() => {
-                self.remember_yes(repo, cred);
+                self.remember_yes(repo, auth);
                 self.index.present().mark(repo, digest);
                 return Decision::Allowed;
             }
@@ -250,13 +379,20 @@ impl AccessCache {
             Err(e) if e.is_outage() => e.into(),
             Err(e) => return Decision::Unreachable(e.into()),
         };
-        self.offline(repo, digest, cred, unreachable).await
+        self.offline(repo, digest, auth, unreachable).await
     }
 
     /// The upstream could not be asked: a remembered yes within `max_stale`
-    /// stands for content the upstream confirmed `repo` holds.
-    async fn offline(&self, repo: &RepoName, digest: &Digest, cred: CredKey, e: Error) -> Decision {
-        if self.present(repo, digest, None).await && self.stale_yes(repo, cred).await {
+    /// (or a validated token, when configured) stands for content the
+    /// upstream confirmed `repo` holds.
+    async fn offline(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+        e: Error,
+    ) -> Decision {
+        if self.present(repo, digest, None).await && self.stale_yes(repo, auth).await {
             metrics::inc(&self.metrics.cache_stale_hits);
             tracing::info!(%repo, %digest, "upstream unreachable; serving on a remembered authorization");
             Decision::Allowed
@@ -285,7 +421,14 @@ mod tests {
             CredentialKeys::with_secret([3; 32]),
             &config.cache,
             config.clock.clone(),
+            None,
         )
+    }
+
+    /// Whether a remembered yes stands offline for `cred` (no token).
+    async fn stale(cache: &AccessCache, repo: &RepoName, cred: CredKey) -> bool {
+        let in_memory = cache.yes.get(&(repo.clone(), cred));
+        cache.remembered_stale(repo, cred, in_memory).await
     }
 
     fn repo(name: &str) -> RepoName {
@@ -305,7 +448,7 @@ mod tests {
         let cache = access(dir.path(), index, |c| c.cache.auth_cache_capacity = 1_000);
         let app = repo("app");
         for i in 0..100_000 {
-            cache.remember_yes(&app, cred(i));
+            cache.remember(&app, cred(i), None);
         }
         let n = cache.remembered();
         assert!(n <= 1_000, "{n} yeses remembered past a capacity of 1000");
@@ -322,19 +465,19 @@ mod tests {
         });
         let (app, alice) = (repo("app"), cred(1));
         assert!(!cache.fresh_yes(&app, alice));
-        assert!(!cache.stale_yes(&app, alice).await);
+        assert!(!stale(&cache, &app, alice).await);
 
-        cache.remember_yes(&app, alice);
+        cache.remember(&app, alice, None);
         assert!(cache.fresh_yes(&app, alice));
         assert!(!cache.fresh_yes(&repo("other"), alice), "per repository");
         assert!(!cache.fresh_yes(&app, cred(2)), "per credentials");
 
         cache.clock.advance(Duration::from_secs(60));
         assert!(!cache.fresh_yes(&app, alice), "auth_ttl passed");
-        assert!(cache.stale_yes(&app, alice).await);
+        assert!(stale(&cache, &app, alice).await);
 
         cache.clock.advance(Duration::from_secs(3540));
-        assert!(!cache.stale_yes(&app, alice).await, "max_stale passed");
+        assert!(!stale(&cache, &app, alice).await, "max_stale passed");
     }
 
     #[tokio::test]
@@ -343,25 +486,25 @@ mod tests {
         let index = Index::open(&dir.path().join("index")).expect("index");
         let (app, alice) = (repo("app"), cred(1));
         let before = access(dir.path(), index.clone(), |_| {});
-        before.remember_yes(&app, alice);
+        before.remember(&app, alice, None);
         drop(before);
 
         let after = access(dir.path(), index.clone(), |c| {
             c.cache.max_stale = Duration::from_secs(3600);
         });
         assert_eq!(after.remembered(), 0, "memory starts empty");
-        assert!(after.stale_yes(&app, alice).await, "read from the index");
+        assert!(stale(&after, &app, alice).await, "read from the index");
         assert!(
             !after.fresh_yes(&app, alice),
             "never fresh without the upstream"
         );
-        assert!(!after.stale_yes(&app, cred(2)).await);
+        assert!(!stale(&after, &app, cred(2)).await);
 
         after.forget(&app, alice);
-        assert!(!after.stale_yes(&app, alice).await);
+        assert!(!stale(&after, &app, alice).await);
         let again = access(dir.path(), index, |_| {});
         assert!(
-            !again.stale_yes(&app, alice).await,
+            !stale(&again, &app, alice).await,
             "forgotten in the index too"
         );
     }
@@ -372,24 +515,107 @@ mod tests {
         let index = Index::open(&dir.path().join("index")).expect("index");
         let cache = access(dir.path(), index.clone(), |_| {});
         let (app, alice) = (repo("app"), cred(1));
-        cache.remember_yes(&app, alice);
+        cache.remember(&app, alice, None);
         let first = index
             .access()
             .remembered(&app, &alice)
             .expect("read")
             .expect("persisted");
         cache.clock.advance(Duration::from_secs(10));
-        cache.remember_yes(&app, alice);
+        cache.remember(&app, alice, None);
         assert_eq!(
             index.access().remembered(&app, &alice).expect("read"),
             Some(first)
         );
         cache.clock.advance(Duration::from_secs(30));
-        cache.remember_yes(&app, alice);
+        cache.remember(&app, alice, None);
         assert!(index
             .access()
             .remembered(&app, &alice)
             .expect("read")
             .is_some_and(|at| at >= first + 40));
+    }
+
+    /// `Authorization` of a Bearer JWT expiring at `exp` (unsigned: only
+    /// its claims are read here).
+    fn token_expiring(exp: u64) -> HeaderValue {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        let claims = URL_SAFE_NO_PAD.encode(format!("{{\"exp\":{exp}}}"));
+        HeaderValue::from_str(&format!("Bearer eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln"))
+            .expect("header")
+    }
+
+    #[tokio::test]
+    async fn a_yes_for_a_token_never_outlives_its_exp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index.clone(), |c| {
+            c.cache.auth_ttl = Duration::from_secs(600);
+            c.cache.max_stale = Duration::from_secs(3600);
+        });
+        let app = repo("app");
+        let exp = cache.clock.now_secs() + 120;
+        let token = token_expiring(exp);
+        let basic = HeaderValue::from_static("Basic YWxpY2U6czNjcmV0");
+        cache.remember_yes(&app, Some(&token));
+        cache.remember_yes(&app, Some(&basic));
+        let (t, b) = (cache.key(Some(&token)), cache.key(Some(&basic)));
+        assert!(cache.fresh_yes(&app, t));
+        assert!(cache.stale_yes(&app, Some(&token)).await);
+
+        cache.clock.advance(Duration::from_secs(121));
+        assert!(!cache.fresh_yes(&app, t), "past exp, within auth_ttl");
+        assert!(
+            !cache.stale_yes(&app, Some(&token)).await,
+            "past exp, within max_stale"
+        );
+        assert!(cache.fresh_yes(&app, b), "Basic keeps auth_ttl");
+        assert!(cache.stale_yes(&app, Some(&basic)).await);
+
+        let restarted = access(dir.path(), index, |c| {
+            c.cache.max_stale = Duration::from_secs(3600);
+        });
+        restarted.clock.advance(Duration::from_secs(121));
+        assert!(
+            !restarted.stale_yes(&app, Some(&token)).await,
+            "the persisted yes keeps the exp"
+        );
+        assert!(restarted.stale_yes(&app, Some(&basic)).await);
+    }
+
+    #[test]
+    fn a_yes_right_after_a_no_is_persisted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index.clone(), |_| {});
+        let (app, alice) = (repo("app"), cred(1));
+        cache.forget(&app, alice);
+        assert!(!cache.fresh_yes(&app, alice), "a no is no yes");
+        cache.remember(&app, alice, None);
+        assert!(cache.fresh_yes(&app, alice));
+        assert!(index
+            .access()
+            .remembered(&app, &alice)
+            .expect("read")
+            .is_some());
+    }
+
+    #[test]
+    fn a_token_already_past_its_exp_is_not_remembered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index")).expect("index");
+        let cache = access(dir.path(), index.clone(), |_| {});
+        let app = repo("app");
+        let token = token_expiring(cache.clock.now_secs() - 30);
+        cache.remember_yes(&app, Some(&token));
+        assert!(!cache.fresh_yes(&app, cache.key(Some(&token))));
+        assert_eq!(
+            index
+                .access()
+                .remembered(&app, &cache.key(Some(&token)))
+                .expect("read"),
+            None
+        );
     }
 }

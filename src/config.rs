@@ -138,6 +138,18 @@ pub struct UpstreamConfig {
     /// on the repositories graft serves.
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The registry's token-signing certificate bundle (its
+    /// `auth.token.rootcertbundle`). Set, graft validates a client's
+    /// Bearer token itself — but only while the upstream is unreachable —
+    /// and serves cached content to a token granting pull on the
+    /// repository. `None`: offline, only a remembered yes stands.
+    pub token_certificate: Option<PathBuf>,
+    /// The `iss` tokens must carry (the registry's `auth.token.issuer`);
+    /// required with `token_certificate`.
+    pub token_issuer: Option<String>,
+    /// The `aud` tokens must name (the registry's `auth.token.service`);
+    /// required with `token_certificate`.
+    pub token_service: Option<String>,
 }
 
 /// What `Debug` prints in place of a secret.
@@ -171,6 +183,9 @@ impl std::fmt::Debug for UpstreamConfig {
             ready_timeout,
             username,
             password,
+            token_certificate,
+            token_issuer,
+            token_service,
         } = self;
         f.debug_struct("UpstreamConfig")
             .field("url", &without_userinfo(url))
@@ -183,6 +198,9 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("ready_timeout", ready_timeout)
             .field("username", username)
             .field("password", &password.as_ref().map(|_| REDACTED))
+            .field("token_certificate", token_certificate)
+            .field("token_issuer", token_issuer)
+            .field("token_service", token_service)
             .finish()
     }
 }
@@ -303,6 +321,9 @@ impl Default for Config {
                 ready_timeout: Duration::from_secs(3),
                 username: None,
                 password: None,
+                token_certificate: None,
+                token_issuer: None,
+                token_service: None,
             },
             storage: StorageConfig {
                 data_dir: PathBuf::from("graft-data"),
@@ -478,6 +499,18 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("upstream.password", |c, v| {
         c.upstream.password = Some(parse_str(v)?.to_string()).filter(|s| !s.is_empty());
+        Ok(())
+    }),
+    ("upstream.token_certificate", |c, v| {
+        c.upstream.token_certificate = opt_path(v)?;
+        Ok(())
+    }),
+    ("upstream.token_issuer", |c, v| {
+        c.upstream.token_issuer = Some(parse_str(v)?.to_string()).filter(|s| !s.is_empty());
+        Ok(())
+    }),
+    ("upstream.token_service", |c, v| {
+        c.upstream.token_service = Some(parse_str(v)?.to_string()).filter(|s| !s.is_empty());
         Ok(())
     }),
     ("storage.data_dir", |c, v| {
@@ -746,10 +779,26 @@ impl Config {
             ("server.tls_cert", &self.server.tls_cert),
             ("server.tls_key", &self.server.tls_key),
             ("upstream.ca_file", &self.upstream.ca_file),
+            (
+                "upstream.token_certificate",
+                &self.upstream.token_certificate,
+            ),
         ] {
             if let Some(p) = path {
                 if !p.is_file() {
                     errors.push(format!("`{key}`: {} is not a readable file", p.display()));
+                }
+            }
+        }
+        if self.upstream.token_certificate.is_some() {
+            for (key, value) in [
+                ("upstream.token_issuer", &self.upstream.token_issuer),
+                ("upstream.token_service", &self.upstream.token_service),
+            ] {
+                if value.is_none() {
+                    errors.push(format!(
+                        "`{key}` is required with `upstream.token_certificate`"
+                    ));
                 }
             }
         }
@@ -903,6 +952,29 @@ mod tests {
         bad.set("server.listen", Some("x".into()));
         let e = Config::load(None, &bad).expect_err("invalid");
         assert_eq!(e.0.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn a_token_certificate_needs_issuer_and_service() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("token.pem");
+        std::fs::write(&bundle, "").expect("write");
+        let mut o = Overrides::default();
+        o.set(
+            "upstream.token_certificate",
+            Some(bundle.display().to_string()),
+        );
+        let e = Config::load(None, &o).expect_err("issuer and service missing");
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(e.0.iter().any(|m| m.contains("upstream.token_issuer")));
+        assert!(e.0.iter().any(|m| m.contains("upstream.token_service")));
+        o.set("upstream.token_issuer", Some("auth".into()));
+        o.set("upstream.token_service", Some("registry".into()));
+        let c = Config::load(None, &o).expect("complete");
+        assert_eq!(
+            c.upstream.token_certificate.as_deref(),
+            Some(bundle.as_path())
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //! - [`cache`]: the content-addressed store, coalesced fills, eviction; the
 //!   only code that writes cache files.
 //! - [`access`]: who may read cached content (the upstream decides).
+//! - [`jwt`]: registry tokens — their `exp`, and offline validation against
+//!   the registry's token-signing certificate.
 //! - [`credentials`]: the HMAC key under which a client's credentials are
 //!   remembered (never the credentials).
 //! - [`clock`]: wall-clock time for everything that expires; skewable in
@@ -47,6 +49,7 @@ pub(crate) mod credentials;
 pub(crate) mod error;
 pub(crate) mod failpoint;
 pub mod index;
+pub(crate) mod jwt;
 pub mod metrics;
 pub mod oci;
 pub(crate) mod proxy;

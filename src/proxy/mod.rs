@@ -93,6 +93,8 @@ impl Proxy {
         } else {
             None
         };
+        let tokens = crate::jwt::TokenVerifier::from_config(&config.upstream)
+            .map_err(|e| Error::Startup(format!("`upstream.token_certificate`: {e}")))?;
         let access = Arc::new(AccessCache::new(
             upstream.clone(),
             index.clone(),
@@ -100,6 +102,7 @@ impl Proxy {
             keys,
             &config.cache,
             config.clock.clone(),
+            tokens,
         ));
         register_owned_metrics(&metrics, &index, &access);
         let r = Arc::downgrade(&referrers);
@@ -292,6 +295,18 @@ fn register_owned_metrics(metrics: &Metrics, index: &Index, access: &Arc<AccessC
         "graft_auth_remembered_entries",
         "(credentials, repository) authorizations remembered in memory.",
         move || a.upgrade().map_or(0, |a| a.remembered()),
+    );
+    let a = Arc::downgrade(access);
+    metrics.register_counter_fn(
+        "graft_auth_offline_token_pulls",
+        "Pulls served offline on a token validated against upstream.token_certificate.",
+        move || a.upgrade().map_or(0, |a| a.offline_token_pulls()),
+    );
+    let a = Arc::downgrade(access);
+    metrics.register_counter_fn(
+        "graft_auth_offline_token_refusals",
+        "Offline pulls refused: the token did not validate or grant pull.",
+        move || a.upgrade().map_or(0, |a| a.offline_token_refusals()),
     );
 }
 

@@ -132,7 +132,7 @@ async fn fetch(
                     drop(miss);
                     return as_is(proxy, resp, client);
                 }
-                proxy.access.remember_yes(&name, cred);
+                proxy.access.remember_yes(&name, auth);
                 match miss.fill(resp, proxy.upstream.body_timeout()).await {
                     Ok(streaming) => streaming,
                     Err(unfilled) => {
@@ -218,7 +218,9 @@ pub(crate) async fn by_tag(
     let Some(cache) = proxy.cache.as_ref() else {
         return passthrough::forward(proxy, req, client, outcome).await;
     };
-    let cred = proxy.access.key(req.headers().get(header::AUTHORIZATION));
+    let auth = req.headers().get(header::AUTHORIZATION).cloned();
+    let auth = auth.as_ref();
+    let cred = proxy.access.key(auth);
     let mut head = head_only(&req);
     *head.method_mut() = Method::HEAD;
     let answer = cache
@@ -226,8 +228,8 @@ pub(crate) async fn by_tag(
             &name,
             &tag,
             proxy.access.fresh_yes(&name, cred),
-            || proxy.access.stale_yes(&name, cred),
-            revalidate(proxy, &name, cred, head, client, outcome),
+            || proxy.access.stale_yes(&name, auth),
+            revalidate(proxy, &name, auth, head, client, outcome),
         )
         .await;
     let digest = match answer {
@@ -262,7 +264,7 @@ pub(crate) async fn by_tag(
 async fn revalidate(
     proxy: &Proxy,
     name: &RepoName,
-    cred: crate::credentials::CredKey,
+    auth: Option<&HeaderValue>,
     head: Request<Body>,
     client: &ClientSide,
     outcome: &mut Outcome,
@@ -295,6 +297,6 @@ async fn revalidate(
         return Revalidation::Other;
     };
     let media_type = header(header::CONTENT_TYPE.as_str()).map(str::to_string);
-    proxy.access.remember_yes(name, cred);
+    proxy.access.remember_yes(name, auth);
     Revalidation::Current { digest, media_type }
 }

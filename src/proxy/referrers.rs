@@ -44,7 +44,7 @@ pub(crate) async fn handle(
             return Ok(denied(d));
         }
         Ok(Access::Granted(list)) => (list, false),
-        Err(e) if e.is_upstream_outage() && proxy.access.stale_yes(&name, cred).await => {
+        Err(e) if e.is_upstream_outage() && proxy.access.stale_yes(&name, auth).await => {
             tracing::warn!(repo = %name, %subject, error = %e, "fallback tag unreadable; referrers answered from the index");
             (proxy.referrers.list_indexed(&name, &subject).await?, true)
         }
