@@ -48,6 +48,10 @@ pub struct CacheConfig {
     pub max_upload_sessions: usize,
     /// How long an upload session is teed before it counts as abandoned.
     pub upload_session_ttl: Duration,
+    /// Free space kept on the data directory's file system: a miss is
+    /// streamed uncached when caching it would go below this, and eviction
+    /// frees files until it is back above it (besides `max_bytes`).
+    pub min_free: u64,
 }
 
 /// How the index's traffic-grown trees are pruned (see `index::prune`):
@@ -306,6 +310,7 @@ impl Default for Config {
                 auth_cache_capacity: 65_536,
                 max_upload_sessions: 256,
                 upload_session_ttl: Duration::from_secs(3600),
+                min_free: 1 << 30,
             },
             index: IndexConfig {
                 cache_bytes: DEFAULT_INDEX_CACHE_BYTES,
@@ -596,6 +601,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("cache.upload_session_ttl", |c, v| {
         c.cache.upload_session_ttl = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.min_free", |c, v| {
+        c.cache.min_free = parse_size_value(v)? as u64;
         Ok(())
     }),
 ];

@@ -56,6 +56,48 @@ fn open(config: &Config) -> Result<Arc<ContentCache>, CacheCommandError> {
     )?)
 }
 
+/// Like [`open`], for `gc` on a full disk (sled writes when it opens):
+/// the index is read from a copy in a scratch directory of the system's
+/// temp dir, files are deleted from the real store, and the real index
+/// drops the entries of the deleted files when it next opens (the cache
+/// reconciles its entries with the files at every open).
+fn open_for_gc(config: &Config) -> Result<(Arc<ContentCache>, Option<Scratch>), CacheCommandError> {
+    match open(config) {
+        Err(CacheCommandError::Index(e)) if e.is_no_space() => {
+            let dir = &config.storage.data_dir;
+            let scratch = Scratch(std::env::temp_dir().join(format!(
+                "graft-gc-index-{}-{}",
+                std::process::id(),
+                config.clock.now_millis()
+            )));
+            eprintln!(
+                "{}: the disk is full ({e}); reading a copy of the index from {}",
+                dir.display(),
+                scratch.0.display()
+            );
+            let index = Index::open_copy(&dir.join("index"), &scratch.0, config.clock.clone())?;
+            let cache = ContentCache::open(
+                dir,
+                index,
+                Arc::default(),
+                config.cache.clone(),
+                config.clock.clone(),
+            )?;
+            Ok((cache, Some(scratch)))
+        }
+        other => other.map(|c| (c, None)),
+    }
+}
+
+/// A scratch directory removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What `graft cache stats` prints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatsReport {
@@ -140,13 +182,17 @@ impl GcReport {
 /// Evicts least recently used files until the cache under
 /// `config.storage.data_dir` fits `config.cache.max_bytes`.
 pub fn gc(config: &Config) -> Result<GcReport, CacheCommandError> {
-    let cache = open(config)?;
+    let (cache, scratch) = open_for_gc(config)?;
     let removed = cache.gc(config.cache.max_bytes)?;
-    Ok(GcReport {
+    let report = GcReport {
         removed,
         after: cache.stats()?,
         now_ms: config.clock.now_millis(),
-    })
+    };
+    // The cache (and the index copy it reads) closes before the copy goes.
+    drop(cache);
+    drop(scratch);
+    Ok(report)
 }
 
 impl fmt::Display for GcReport {

@@ -22,7 +22,7 @@ use http::header;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
-use super::{store::Writer, CacheError, ContentCache, FileBody};
+use super::{space::Reservation, store::Writer, CacheError, ContentCache, FileBody};
 use crate::credentials::CredKey;
 use crate::oci::{Digest, RepoName};
 
@@ -202,19 +202,24 @@ impl Miss {
         let len = text(header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let content_type = text(header::CONTENT_TYPE);
         self.cache.mark_present(&self.repo, &digest).await;
-        let (store, d) = (self.cache.store.clone(), digest.clone());
+        let (cache, d) = (self.cache.clone(), digest.clone());
         let opened = ContentCache::blocking(move || {
-            let w = store.writer(&d)?;
+            let reservation = cache.reserve(len)?;
+            let w = cache.store.writer(&d)?;
             let f = File::open(w.path())?;
-            Ok::<_, CacheError>((w, f))
+            Ok::<_, CacheError>((w, f, reservation))
         })
         .await
         .and_then(|r| r);
-        let (writer, file) = match opened {
+        let (writer, file, reservation) = match opened {
             Ok(wf) => wf,
             Err(error) => {
                 // Dropping `self` without starting releases the followers.
-                self.cache.fill_failed();
+                if matches!(error, CacheError::NoSpace(_)) {
+                    self.cache.fill_skipped();
+                } else {
+                    self.cache.fill_failed();
+                }
                 return Err(Unfilled {
                     error,
                     response: resp,
@@ -236,6 +241,7 @@ impl Miss {
             len,
             content_type: opened.content_type,
             body_timeout,
+            _reservation: reservation,
         };
         tokio::spawn(job.run(writer, resp.into_body()));
         Ok(streaming)
@@ -316,6 +322,8 @@ struct Job {
     len: Option<u64>,
     content_type: Option<String>,
     body_timeout: Duration,
+    /// Held until the fill ends (committed or not).
+    _reservation: Reservation,
 }
 
 impl Job {
@@ -350,6 +358,10 @@ impl Job {
                 pumped.and(Err(CacheError::Upstream("the writer was lost".into())))
             }
         };
+        // Out of the map first: a request arriving from now on starts a
+        // fresh fetch (or hits the committed file) instead of joining this
+        // one's end.
+        self.lead.fills.remove(&digest);
         match result {
             Ok(n) => {
                 self.lead.tx.send_replace(FillState::Done { len: n });
@@ -360,7 +372,6 @@ impl Job {
                 self.lead.tx.send_replace(FillState::Failed(e.to_string()));
             }
         }
-        self.lead.fills.remove(&digest);
     }
 
     /// Copies the body into the writer, publishing progress to the readers.

@@ -138,7 +138,7 @@ async fn fetch(
                     Err(unfilled) => {
                         let (error, resp) = unfilled.into_parts();
                         tracing::warn!(%digest, %error, "the cache cannot take this content; streaming it uncached");
-                        return Ok(as_is(proxy, resp, client));
+                        return Ok(uncached(proxy, resp, client));
                     }
                 }
             }
@@ -154,6 +154,18 @@ fn as_is(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Respon
         .upstream
         .rewrite_response_headers(&mut parts.headers, client);
     Response::from_parts(parts, body::boxed(incoming))
+}
+
+/// A 200 the cache could not take, streamed to the client as it comes,
+/// failing its body if the upstream goes silent for `upstream.body_timeout`
+/// (as a fill would).
+fn uncached(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    proxy
+        .upstream
+        .rewrite_response_headers(&mut parts.headers, client);
+    let body = body::IdleTimeout::new(incoming, proxy.upstream.body_timeout());
+    Response::from_parts(parts, body::boxed(body))
 }
 
 fn streamed(kind: Kind, digest: &Digest, streaming: Streaming) -> Response<Body> {
