@@ -299,3 +299,67 @@ async fn on_a_full_disk_graft_starts_and_serves_and_cache_gc_frees_space() {
         "gc removed nothing"
     );
 }
+
+#[tokio::test]
+async fn a_disk_that_fills_up_mid_fill_does_not_cut_the_clients_bodies() {
+    let disk = SmallDisk::mount("24m");
+    let registry = Registry::start();
+    let data = Bytes::from(random_bytes(12 << 20));
+    let digest = Api::for_registry(&registry)
+        .push_blob("app", data.clone())
+        .await;
+    // Slow enough that the disk can be filled while the fill runs.
+    let shim = Shim::start(&registry.host(), Fault::Throttle(4 << 20));
+    let data_dir = disk.path().to_path_buf();
+    let graft = Graft::start_for_upstream(&shim.url(), |c| {
+        c.storage.data_dir = data_dir;
+        c.cache.max_bytes = 1 << 30;
+        c.cache.min_free = 0;
+    });
+    let api = Api::for_graft(&graft);
+    let path = format!("/v2/app/blobs/{digest}");
+    let mut leader = expect_status(Api::send(api.get(&path)).await, StatusCode::OK, "leader").await;
+    let first = leader
+        .chunk()
+        .await
+        .expect("the leader's first bytes")
+        .expect("a first chunk");
+    let follower = expect_status(Api::send(api.get(&path)).await, StatusCode::OK, "follower").await;
+    assert_eq!(metric(&api, "graft_cache_coalesced_waiters_total").await, 1);
+
+    disk.fill_up();
+    let (rest, followed) = tokio::join!(read_all(leader), read_all(follower));
+    let mut led = first.to_vec();
+    led.extend_from_slice(&rest.expect("the leader's whole body"));
+    let followed = followed.expect("the follower's whole body");
+    assert!(
+        led == data,
+        "the leader got {} of {} bytes",
+        led.len(),
+        data.len()
+    );
+    assert!(
+        followed == data,
+        "the follower got {} of {} bytes",
+        followed.len(),
+        data.len()
+    );
+
+    assert_eq!(metric(&api, "graft_cache_fills_failed_total").await, 1);
+    assert!(
+        !cache_file(disk.path(), &digest).exists(),
+        "cached from a full disk"
+    );
+    common::eventually(Duration::from_secs(10), "the temp file removed", || async {
+        temp_files(disk.path()) == 0
+    })
+    .await;
+    // Room again: the next pull fills the cache as usual.
+    std::fs::remove_file(disk.path().join("filler")).expect("remove the filler");
+    shim.set_fault(Fault::None);
+    assert_eq!(api.get_blob("app", &digest).await, data);
+    common::eventually(Duration::from_secs(10), "the blob cached", || async {
+        cache_file(disk.path(), &digest).is_file()
+    })
+    .await;
+}

@@ -31,6 +31,7 @@ mod check;
 mod entries;
 mod fill;
 mod space;
+mod spill;
 mod store;
 mod tags;
 mod upload;

@@ -257,6 +257,18 @@ impl Writer {
         Ok(())
     }
 
+    /// Bytes written (and hashed) so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Gives the temp file up (it is deleted; open readers keep its inode)
+    /// and returns the hash of the bytes it holds and their count, for a
+    /// fill that goes on without a file.
+    pub(crate) fn abandon(mut self) -> (Sha256, u64) {
+        (std::mem::take(&mut self.hasher), self.written)
+    }
+
     /// Verifies the digest, fsyncs, and renames into place. On a mismatch
     /// nothing becomes visible.
     pub(crate) fn commit(self) -> Result<u64, CacheError> {
