@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -144,12 +145,12 @@ impl<F: FnOnce(u64, bool)> Drop for OnDone<F> {
 /// client) does not count.
 pub struct IdleTimeout<B> {
     inner: B,
-    idle: std::time::Duration,
+    idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> IdleTimeout<B> {
-    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+    pub fn new(inner: B, idle: Duration) -> Self {
         IdleTimeout {
             inner,
             idle,
@@ -244,5 +245,46 @@ where
             }
             buf.extend_from_slice(data);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream::{self, StreamExt};
+    use http_body_util::StreamBody;
+
+    type Item = Result<Frame<Bytes>, BoxError>;
+
+    #[tokio::test]
+    async fn a_body_that_goes_silent_mid_way_fails_instead_of_hanging() {
+        let first: Item = Ok(Frame::data(Bytes::from_static(b"part")));
+        let silent = stream::iter([first]).chain(stream::pending::<Item>());
+        let mut body = IdleTimeout::new(StreamBody::new(silent), Duration::from_millis(50));
+        let data = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(data.into_data().expect("data"), Bytes::from_static(b"part"));
+        let end = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the idle bound fired");
+        assert!(matches!(end, Some(Err(_))), "the body ended cleanly");
+    }
+
+    #[tokio::test]
+    async fn time_the_reader_spends_away_does_not_count() {
+        let chunks: Vec<Item> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+        ];
+        let mut body = IdleTimeout::new(
+            StreamBody::new(stream::iter(chunks)),
+            Duration::from_millis(50),
+        );
+        body.frame().await.expect("a").expect("data");
+        // A slow client: the next frame is asked for long after the bound
+        // (the pause is the client's slowness, not a wait for a condition).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = body.frame().await.expect("b").expect("data");
+        assert_eq!(b.into_data().expect("data"), Bytes::from_static(b"b"));
+        assert!(body.frame().await.is_none());
     }
 }

@@ -363,3 +363,51 @@ async fn a_disk_that_fills_up_mid_fill_does_not_cut_the_clients_bodies() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn eviction_keeps_free_space_above_min_free_even_within_the_budget() {
+    let disk = SmallDisk::mount("24m");
+    let registry = Registry::start();
+    let direct = Api::for_registry(&registry);
+    let mut blobs = Vec::new();
+    for _ in 0..3 {
+        let data = Bytes::from(random_bytes(4 << 20));
+        blobs.push((direct.push_blob("app", data.clone()).await, data));
+    }
+    let data_dir = disk.path().to_path_buf();
+    let clock = graft::clock::Clock::skewable();
+    let graft = Graft::start_with(&registry, |c| {
+        c.storage.data_dir = data_dir;
+        c.cache.max_bytes = 1 << 30;
+        c.cache.min_free = 8 << 20;
+        c.clock = clock.clone();
+    });
+    let api = Api::for_graft(&graft);
+    for (d, data) in &blobs {
+        assert_eq!(&api.get_blob("app", d).await, data);
+        common::eventually(Duration::from_secs(10), "the blob cached", || async {
+            cache_file(disk.path(), d).is_file()
+        })
+        .await;
+        // Access times are kept to the millisecond: each pull a later one.
+        clock.advance(Duration::from_millis(5));
+    }
+    // Something else takes 9 MiB of the ~12 MiB left: free space drops
+    // below the 8 MiB floor although the budget is far away. Eviction
+    // frees the least recently used files until the floor holds again.
+    std::fs::write(disk.path().join("other"), vec![1u8; 9 << 20]).expect("other data");
+    common::eventually(
+        Duration::from_secs(30),
+        "the two oldest evicted",
+        || async {
+            !cache_file(disk.path(), &blobs[0].0).exists()
+                && !cache_file(disk.path(), &blobs[1].0).exists()
+        },
+    )
+    .await;
+    assert!(
+        cache_file(disk.path(), &blobs[2].0).is_file(),
+        "the newest went too"
+    );
+    assert!(metric(&api, "graft_cache_evictions_total").await >= 2);
+}
