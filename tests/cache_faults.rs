@@ -411,3 +411,38 @@ async fn eviction_keeps_free_space_above_min_free_even_within_the_budget() {
     );
     assert!(metric(&api, "graft_cache_evictions_total").await >= 2);
 }
+
+#[tokio::test]
+async fn concurrent_fills_past_the_budget_stream_uncached_and_the_budget_holds() {
+    let registry = Registry::start();
+    let direct = Api::for_registry(&registry);
+    let mut blobs = Vec::new();
+    for _ in 0..5 {
+        let data = Bytes::from(random_bytes(4 << 20));
+        blobs.push((direct.push_blob("app", data.clone()).await, data));
+    }
+    // Slow, so the five fills overlap.
+    let shim = Shim::start(&registry.host(), Fault::Throttle(8 << 20));
+    let graft = Graft::start_for_upstream(&shim.url(), |c| {
+        c.cache.max_bytes = 10 << 20;
+        c.cache.min_free = 0;
+    });
+    let api = Api::for_graft(&graft);
+    let pulls = blobs.iter().map(|(d, data)| {
+        let api = api.clone();
+        async move { api.get_blob("app", d).await == *data }
+    });
+    let whole = futures_util::future::join_all(pulls).await;
+    assert!(
+        whole.iter().all(|w| *w),
+        "a client got wrong or partial bytes"
+    );
+    // Five 4 MiB fills cannot be in flight at once under a 10 MiB budget.
+    assert!(metric(&api, "graft_cache_fills_skipped_total").await >= 1);
+    common::eventually(Duration::from_secs(30), "within the budget", || async {
+        metric(&api, "graft_cache_bytes").await <= 10 << 20
+    })
+    .await;
+    assert_eq!(metric(&api, "graft_cache_reserved_bytes").await, 0);
+    assert_eq!(temp_files(graft.data_dir()), 0);
+}

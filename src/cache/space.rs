@@ -4,9 +4,11 @@
 //!
 //! A fill reserves its declared length before its temp file is created and
 //! releases it when it ends, so concurrent fills cannot each see the same
-//! free space, and temp files count against the budget while they grow. A
-//! fill that does not fit is not started: its client streams from the
-//! upstream uncached, and eviction is started to make room for the next.
+//! free space, and temp files count against the budget while they grow:
+//! fills in flight together never exceed `cache.max_bytes`, and committed
+//! files are evicted at once to make room for them. A fill that does not
+//! fit is not started: its client streams from the upstream uncached, and
+//! eviction is started to make room for the next.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,6 +48,15 @@ impl ContentCache {
                 "{want} bytes wanted, {free} free on the data directory's file system, \
                  {before} reserved by fills in flight, cache.min_free {}",
                 self.cfg.min_free
+            )));
+        }
+        // Temp files cannot be evicted: fills in flight alone never exceed
+        // the budget, and committed files are evicted to make room for them.
+        if before + want > self.cfg.max_bytes {
+            return Err(CacheError::NoSpace(format!(
+                "{want} bytes wanted, {before} reserved by fills in flight, \
+                 cache.max_bytes {}",
+                self.cfg.max_bytes
             )));
         }
         if self.over_budget() {
