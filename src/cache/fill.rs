@@ -592,3 +592,24 @@ fn after(batch: Vec<Bytes>, mut skip: usize) -> Vec<Bytes> {
     }
     rest
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_of_a_batch_starts_where_the_file_stopped() {
+        let batch = || {
+            vec![
+                Bytes::from_static(b"abc"),
+                Bytes::from_static(b"de"),
+                Bytes::from_static(b"fgh"),
+            ]
+        };
+        let joined = |v: Vec<Bytes>| v.concat();
+        assert_eq!(joined(after(batch(), 0)), b"abcdefgh");
+        assert_eq!(joined(after(batch(), 3)), b"defgh");
+        assert_eq!(joined(after(batch(), 4)), b"efgh");
+        assert_eq!(joined(after(batch(), 8)), b"");
+    }
+}

@@ -138,7 +138,7 @@ async fn fetch(
                     Err(unfilled) => {
                         let (error, resp) = unfilled.into_parts();
                         tracing::warn!(%digest, %error, "the cache cannot take this content; streaming it uncached");
-                        return Ok(uncached(proxy, resp, client));
+                        return Ok(as_is(proxy, resp, client));
                     }
                 }
             }
@@ -147,19 +147,10 @@ async fn fetch(
     }
 }
 
-/// The upstream's answer, passed to the client as it came.
+/// The upstream's answer, passed to the client as it came, its body
+/// failing if the upstream goes silent for `upstream.body_timeout` (as a
+/// fill would).
 fn as_is(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Response<Body> {
-    let (mut parts, incoming) = resp.into_parts();
-    proxy
-        .upstream
-        .rewrite_response_headers(&mut parts.headers, client);
-    Response::from_parts(parts, body::boxed(incoming))
-}
-
-/// A 200 the cache could not take, streamed to the client as it comes,
-/// failing its body if the upstream goes silent for `upstream.body_timeout`
-/// (as a fill would).
-fn uncached(proxy: &Proxy, resp: Response<Incoming>, client: &ClientSide) -> Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     proxy
         .upstream
