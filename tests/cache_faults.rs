@@ -282,18 +282,26 @@ async fn on_a_full_disk_graft_starts_and_serves_and_cache_gc_frees_space() {
         .expect("graft stopped cleanly");
 
     let work = tempfile::tempdir().expect("work dir");
-    let out = common::artifacts::graft_command(work.path())
-        .args(["cache", "gc", "--data-dir"])
-        .arg(disk.path())
-        .args(["--max-bytes", "0"])
-        .output()
-        .expect("run graft cache gc");
-    assert!(
-        out.status.success(),
-        "gc on a full disk failed\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let graft_cache = |args: &[&str]| {
+        let out = common::artifacts::graft_command(work.path())
+            .arg("cache")
+            .args(args)
+            .arg("--data-dir")
+            .arg(disk.path())
+            .output()
+            .expect("run graft cache");
+        assert!(
+            out.status.success(),
+            "graft cache {args:?} on a full disk failed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    graft_cache(&["stats"]);
+    let verified = graft_cache(&["verify"]);
+    assert!(verified.contains("checked: 1 files"), "{verified}");
+    graft_cache(&["gc", "--max-bytes", "0"]);
     assert!(
         !cache_file(disk.path(), &d_cached).exists(),
         "gc removed nothing"
