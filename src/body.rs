@@ -1,10 +1,12 @@
 //! The one body type every response carries, and the body wrappers that
 //! count bytes for the access log.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -137,6 +139,64 @@ impl<F: FnOnce(u64, bool)> Drop for OnDone<F> {
     }
 }
 
+/// A body that fails when no frame arrives for `idle` while it is being
+/// waited for (an upstream gone silent mid-body): the client's body then
+/// errors instead of hanging. Time the reader spends not asking (a slow
+/// client) does not count.
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: None,
+        }
+    }
+}
+
+impl<B> HttpBody for IdleTimeout<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            self.timer = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let idle = self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "no byte from the upstream for {idle:?}"
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Why [`collect_limited`] gave up.
 #[derive(Debug)]
 pub enum CollectError {
@@ -185,5 +245,46 @@ where
             }
             buf.extend_from_slice(data);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream::{self, StreamExt};
+    use http_body_util::StreamBody;
+
+    type Item = Result<Frame<Bytes>, BoxError>;
+
+    #[tokio::test]
+    async fn a_body_that_goes_silent_mid_way_fails_instead_of_hanging() {
+        let first: Item = Ok(Frame::data(Bytes::from_static(b"part")));
+        let silent = stream::iter([first]).chain(stream::pending::<Item>());
+        let mut body = IdleTimeout::new(StreamBody::new(silent), Duration::from_millis(50));
+        let data = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(data.into_data().expect("data"), Bytes::from_static(b"part"));
+        let end = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the idle bound fired");
+        assert!(matches!(end, Some(Err(_))), "the body ended cleanly");
+    }
+
+    #[tokio::test]
+    async fn time_the_reader_spends_away_does_not_count() {
+        let chunks: Vec<Item> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Ok(Frame::data(Bytes::from_static(b"b"))),
+        ];
+        let mut body = IdleTimeout::new(
+            StreamBody::new(stream::iter(chunks)),
+            Duration::from_millis(50),
+        );
+        body.frame().await.expect("a").expect("data");
+        // A slow client: the next frame is asked for long after the bound
+        // (the pause is the client's slowness, not a wait for a condition).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = body.frame().await.expect("b").expect("data");
+        assert_eq!(b.into_data().expect("data"), Bytes::from_static(b"b"));
+        assert!(body.frame().await.is_none());
     }
 }

@@ -55,6 +55,10 @@ pub struct CacheConfig {
     /// An upload session with no request for this long is forgotten and
     /// its temp file deleted (its upload passes through from then on).
     pub upload_idle_timeout: Duration,
+    /// Free space kept on the data directory's file system: a miss is
+    /// streamed uncached when caching it would go below this, and eviction
+    /// frees files until it is back above it (besides `max_bytes`).
+    pub min_free: u64,
 }
 
 /// How the index's traffic-grown trees are pruned (see `index::prune`):
@@ -350,6 +354,7 @@ impl Default for Config {
                 upload_session_ttl: Duration::from_secs(3600),
                 max_upload_sessions_per_client: 32,
                 upload_idle_timeout: Duration::from_secs(600),
+                min_free: 1 << 30,
             },
             index: IndexConfig {
                 cache_bytes: DEFAULT_INDEX_CACHE_BYTES,
@@ -674,6 +679,10 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("cache.upload_idle_timeout", |c, v| {
         c.cache.upload_idle_timeout = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("cache.min_free", |c, v| {
+        c.cache.min_free = parse_size_value(v)? as u64;
         Ok(())
     }),
 ];

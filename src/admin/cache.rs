@@ -56,6 +56,51 @@ fn open(config: &Config) -> Result<Arc<ContentCache>, CacheCommandError> {
     )?)
 }
 
+/// Like [`open`], also on a full disk (sled writes when it opens), so
+/// `gc`, `stats` and `verify` run there:
+/// the index is read from a copy in a scratch directory of the system's
+/// temp dir, files are deleted from the real store, and the real index
+/// drops the entries of the deleted files when it next opens (the cache
+/// reconciles its entries with the files at every open).
+fn open_even_full(
+    config: &Config,
+) -> Result<(Arc<ContentCache>, Option<Scratch>), CacheCommandError> {
+    match open(config) {
+        Err(CacheCommandError::Index(e)) if e.is_no_space() => {
+            let dir = &config.storage.data_dir;
+            let scratch = Scratch(std::env::temp_dir().join(format!(
+                "graft-gc-index-{}-{}",
+                std::process::id(),
+                config.clock.now_millis()
+            )));
+            eprintln!(
+                "{}: the disk is full ({e}); reading a copy of the index from {}",
+                dir.display(),
+                scratch.0.display()
+            );
+            let index = Index::open_copy(&dir.join("index"), &scratch.0, config.clock.clone())?;
+            let cache = ContentCache::open(
+                dir,
+                index,
+                Arc::default(),
+                config.cache.clone(),
+                config.clock.clone(),
+            )?;
+            Ok((cache, Some(scratch)))
+        }
+        other => other.map(|c| (c, None)),
+    }
+}
+
+/// A scratch directory removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What `graft cache stats` prints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatsReport {
@@ -67,11 +112,15 @@ pub struct StatsReport {
 /// Counts the entries and files of the cache under
 /// `config.storage.data_dir`.
 pub fn stats(config: &Config) -> Result<StatsReport, CacheCommandError> {
-    let cache = open(config)?;
-    Ok(StatsReport {
+    let (cache, scratch) = open_even_full(config)?;
+    let report = StatsReport {
         stats: cache.stats()?,
         now_ms: config.clock.now_millis(),
-    })
+    };
+    // The cache (and the index copy it reads) closes before the copy goes.
+    drop(cache);
+    drop(scratch);
+    Ok(report)
 }
 
 impl fmt::Display for StatsReport {
@@ -140,13 +189,17 @@ impl GcReport {
 /// Evicts least recently used files until the cache under
 /// `config.storage.data_dir` fits `config.cache.max_bytes`.
 pub fn gc(config: &Config) -> Result<GcReport, CacheCommandError> {
-    let cache = open(config)?;
+    let (cache, scratch) = open_even_full(config)?;
     let removed = cache.gc(config.cache.max_bytes)?;
-    Ok(GcReport {
+    let report = GcReport {
         removed,
         after: cache.stats()?,
         now_ms: config.clock.now_millis(),
-    })
+    };
+    // The cache (and the index copy it reads) closes before the copy goes.
+    drop(cache);
+    drop(scratch);
+    Ok(report)
 }
 
 impl fmt::Display for GcReport {
@@ -215,11 +268,13 @@ fn verify_all(
     config: &Config,
     progress: &dyn Progress,
 ) -> Result<VerifySummary, CacheCommandError> {
-    let cache = open(config)?;
+    let (cache, scratch) = open_even_full(config)?;
     let total = cache.stats()?.file_bytes;
     progress.message("verifying");
     progress.count(total, Unit::Bytes);
     let report = cache.verify_each(|_, size| progress.advance(size))?;
+    drop(cache);
+    drop(scratch);
     Ok(VerifySummary(report))
 }
 

@@ -1,5 +1,7 @@
 //! Response bodies read from cache files: a committed file (a hit), or the
-//! temp file of a fill in progress, following its growth.
+//! temp file of a fill in progress, following its growth — and, when the
+//! fill handed its readers over to the upstream (`spill.rs`), the rest of
+//! the content from the fill's channel.
 
 use std::fs::File;
 use std::future::Future;
@@ -10,10 +12,11 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::fill::FillState;
+use super::spill::Spill;
 use crate::body::BoxError;
 
 /// Large reads keep the per-chunk cost (one blocking-pool hop) small
@@ -36,6 +39,12 @@ pub(crate) struct FileBody {
     orphaned: bool,
     waiting: Option<Wait>,
     reading: Option<JoinHandle<std::io::Result<Bytes>>>,
+    /// Where the rest comes from if the fill hands over (see `spill.rs`).
+    spill: Option<mpsc::Receiver<Spill>>,
+    /// Set once the fill handed over: the file holds this many bytes.
+    spilled_at: Option<u64>,
+    /// The last chunk from the channel, held until the next (or the end).
+    held: Option<Bytes>,
 }
 
 impl FileBody {
@@ -49,6 +58,9 @@ impl FileBody {
             orphaned: false,
             waiting: None,
             reading: None,
+            spill: None,
+            spilled_at: None,
+            held: None,
         }
     }
 
@@ -57,6 +69,7 @@ impl FileBody {
         file: Arc<File>,
         len: Option<u64>,
         fill: watch::Receiver<FillState>,
+        spill: mpsc::Receiver<Spill>,
     ) -> FileBody {
         FileBody {
             file,
@@ -66,11 +79,17 @@ impl FileBody {
             orphaned: false,
             waiting: None,
             reading: None,
+            spill: Some(spill),
+            spilled_at: None,
+            held: None,
         }
     }
 
     /// How far bytes may be sent now, or the fill's failure.
     fn available(&mut self) -> Result<u64, BoxError> {
+        if let Some(at) = self.spilled_at {
+            return Ok(at);
+        }
         let Some(rx) = self.fill.as_mut() else {
             return Ok(self.end);
         };
@@ -86,6 +105,11 @@ impl FileBody {
                 Err("cache fill ended without finishing".into())
             }
             FillState::Writing { written } => Ok(written.min(self.end.saturating_sub(1))),
+            FillState::Spilling { at } => {
+                self.spilled_at = Some(at);
+                self.fill = None;
+                Ok(at)
+            }
             FillState::Failed(why) => Err(format!("cache fill failed: {why}").into()),
             FillState::Connecting | FillState::Abandoned => Err("cache fill was abandoned".into()),
         }
@@ -132,6 +156,9 @@ impl http_body::Body for FileBody {
                 Ok(a) => a,
                 Err(e) => return Poll::Ready(Some(Err(e))),
             };
+            if self.spilled_at.is_some_and(|at| self.pos >= at) {
+                return self.poll_spill(cx);
+            }
             if self.pos >= self.end && self.fill.is_none() {
                 return Poll::Ready(None);
             }
@@ -167,7 +194,10 @@ impl http_body::Body for FileBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.fill.is_none() && self.pos >= self.end && self.reading.is_none()
+        self.fill.is_none()
+            && self.spilled_at.is_none()
+            && self.pos >= self.end
+            && self.reading.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -175,6 +205,44 @@ impl http_body::Body for FileBody {
             SizeHint::default()
         } else {
             SizeHint::with_exact(self.end - self.pos)
+        }
+    }
+}
+
+impl FileBody {
+    /// After a hand-over: the next chunk from the fill's channel, one
+    /// chunk behind, so the last is sent only once the job vouched for
+    /// the whole.
+    fn poll_spill(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(rx) = self.spill.as_mut() else {
+            return Poll::Ready(Some(Err("cache fill handed over without a channel".into())));
+        };
+        loop {
+            let next = match rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(next) => next,
+            };
+            match next {
+                Some(Spill::Data(bytes)) => {
+                    self.pos += bytes.len() as u64;
+                    if let Some(prev) = self.held.replace(bytes) {
+                        return Poll::Ready(Some(Ok(Frame::data(prev))));
+                    }
+                }
+                Some(Spill::End) => {
+                    self.spill = None;
+                    self.spilled_at = None;
+                    self.end = self.pos;
+                    return match self.held.take() {
+                        Some(last) => Poll::Ready(Some(Ok(Frame::data(last)))),
+                        None => Poll::Ready(None),
+                    };
+                }
+                Some(Spill::Failed(why)) => {
+                    return Poll::Ready(Some(Err(format!("upstream relay failed: {why}").into())))
+                }
+                None => return Poll::Ready(Some(Err("upstream relay ended unfinished".into()))),
+            }
         }
     }
 }
@@ -191,7 +259,8 @@ mod tests {
         std::fs::write(&path, vec![7u8; written as usize]).expect("write");
         let file = Arc::new(File::open(&path).expect("open"));
         let (tx, rx) = watch::channel(FillState::Writing { written });
-        (FileBody::following(file, Some(100), rx), tx, dir)
+        let (_, spill) = mpsc::channel(1);
+        (FileBody::following(file, Some(100), rx, spill), tx, dir)
     }
 
     #[tokio::test]

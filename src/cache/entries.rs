@@ -3,8 +3,8 @@
 //! used eviction, and the operator's views (`stats`, `verify`, `gc`).
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use super::{
@@ -71,6 +71,9 @@ impl ContentCache {
             media_types: moka::sync::Cache::new(MEDIA_TYPES),
             touched: Mutex::new(HashMap::new()),
             evicting: AtomicBool::new(false),
+            corrupt: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
         };
         cache.reconcile()?;
         Ok(Arc::new(cache))
@@ -87,6 +90,16 @@ impl ContentCache {
         }
         let known: HashMap<&Digest, &CacheEntry> = entries.iter().map(|(d, e)| (d, e)).collect();
         for (d, size) in &on_disk {
+            if let Some(e) = known.get(d).filter(|e| e.size != *size) {
+                // Truncated or grown while graft was stopped: not counted,
+                // so dropping it subtracts nothing.
+                let why = format!(
+                    "{size} bytes on disk, {} recorded when it was cached",
+                    e.size
+                );
+                self.drop_corrupt(d, 0, &why);
+                continue;
+            }
             total += size;
             if !known.contains_key(d) {
                 let e = CacheEntry {
@@ -127,6 +140,16 @@ impl ContentCache {
         metrics::inc(&self.metrics.cache_fills_failed);
     }
 
+    /// A miss streamed uncached because the disk had no room for it.
+    pub(super) fn fill_skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Misses streamed uncached for lack of room (a counter for `/metrics`).
+    pub fn fills_skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
     /// Blocking (a sled write): called on the blocking pool or from a fill
     /// task.
     fn record(self: &Arc<Self>, digest: &Digest, len: u64, media_type: Option<&str>) {
@@ -143,9 +166,8 @@ impl ContentCache {
             Ok(false) => metrics::add(&self.metrics.cache_bytes, len),
             Err(e) => tracing::error!(%digest, error = %e, "cannot record a cache entry"),
         }
-        if self.metrics.cache_bytes.load(Ordering::Relaxed) > self.cfg.max_bytes {
-            let me = self.clone();
-            tokio::task::spawn_blocking(move || me.evict());
+        if self.over_budget() || self.free_shortfall() > 0 {
+            self.evict_soon();
         }
     }
 
@@ -212,19 +234,33 @@ impl ContentCache {
         self.index.cache_entries().touch(&batch);
     }
 
-    /// Evicts least recently used files until the cache is at 90 % of its
-    /// budget (hysteresis: one big blob does not trigger eviction on every
-    /// commit). Returns the number of files removed.
+    /// Evicts least recently used files until committed files and fills in
+    /// flight are at 90 % of the budget (hysteresis: one big blob does not
+    /// trigger eviction on every commit), and the file system's free space
+    /// is back above `cache.min_free`. Returns the number of files removed.
     pub fn evict(&self) -> usize {
-        let budget = self.cfg.max_bytes;
-        // A pass already running brings the cache within budget.
+        // A pass already running brings the cache within bounds.
         let Some(_pass) = self.eviction_pass() else {
             return 0;
         };
-        if self.metrics.cache_bytes.load(Ordering::Relaxed) <= budget {
+        let bytes = self.bytes();
+        let budget_target = if self.over_budget() {
+            (self.cfg.max_bytes / 10 * 9).saturating_sub(self.reserved_bytes())
+        } else {
+            u64::MAX
+        };
+        let short = self.free_shortfall();
+        let floor_target = if short > 0 {
+            // A tenth of the floor more, for the same hysteresis.
+            bytes.saturating_sub(short + self.cfg.min_free / 10)
+        } else {
+            u64::MAX
+        };
+        let target = budget_target.min(floor_target);
+        if bytes <= target {
             return 0;
         }
-        match self.evict_to(budget / 10 * 9) {
+        match self.evict_to(target) {
             Ok(removed) => removed.len(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot list cache entries for eviction");
@@ -348,7 +384,7 @@ impl ContentCache {
         })
     }
 
-    fn sub_bytes(&self, n: u64) {
+    pub(super) fn sub_bytes(&self, n: u64) {
         let _ = self
             .metrics
             .cache_bytes

@@ -27,15 +27,18 @@
 //! end — an entry being read is never deleted under its reader.
 
 mod body;
+mod check;
 mod entries;
 mod fill;
+mod space;
+mod spill;
 mod store;
 mod tags;
 mod upload;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 pub(crate) use body::FileBody;
@@ -65,6 +68,23 @@ pub enum CacheError {
     DigestMismatch { expected: String, actual: String },
     #[error("upstream body ended early or failed: {0}")]
     Upstream(String),
+    #[error("no room on disk: {0}")]
+    NoSpace(String),
+}
+
+impl CacheError {
+    /// Whether the data directory's file system is out of space.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            CacheError::Io(e) => {
+                e.kind() == std::io::ErrorKind::StorageFull
+                    || e.raw_os_error() == Some(28)
+                    || e.to_string().contains("No space left on device")
+            }
+            CacheError::NoSpace(_) => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<CacheError> for crate::error::Error {
@@ -93,6 +113,13 @@ pub struct ContentCache {
     /// victims and count their bytes twice. A flag, not a lock: a pass does
     /// file I/O, and no lock is held around I/O.
     evicting: AtomicBool,
+    /// Changed files found and dropped (`graft_cache_corrupt_total`).
+    corrupt: AtomicU64,
+    /// Bytes reserved by fills in flight (see `space.rs`).
+    reserved: AtomicU64,
+    /// Misses streamed uncached for lack of room
+    /// (`graft_cache_fills_skipped_total`).
+    skipped: AtomicU64,
 }
 
 /// A committed file ready to serve, already open (so eviction cannot take
@@ -144,15 +171,15 @@ impl ContentCache {
 
     /// The committed file for `digest`, opened. `manifest` asks for the
     /// media type too.
-    pub(crate) async fn hit(&self, digest: &Digest, manifest: bool) -> Option<Hit> {
+    pub(crate) async fn hit(self: &Arc<Self>, digest: &Digest, manifest: bool) -> Option<Hit> {
         if !Store::cacheable(digest) {
             return None;
         }
         let (file, len) = match self.store.already_open(digest) {
             Some(opened) => opened,
             None => {
-                let (store, d) = (self.store.clone(), digest.clone());
-                Self::blocking(move || store.open_file(&d)).await.ok()??
+                let (me, d) = (self.clone(), digest.clone());
+                Self::blocking(move || me.open_checked(&d)).await.ok()??
             }
         };
         let media_type = if manifest {

@@ -5,6 +5,12 @@
 //! `blobs/tmp/` for fills in progress. A file becomes visible under its
 //! digest only after its bytes were hashed, matched, fsynced and renamed;
 //! `tmp/` is emptied at startup, so no partial file survives a restart.
+//!
+//! A committed file is *sealed*: its modification time is set to a fixed
+//! instant ([`SEAL`]) before the rename. Any later write or truncation —
+//! by anything but graft — sets it to the present, so one `stat` on open
+//! tells a file graft committed from one changed behind its back, without
+//! hashing it (see `check.rs`).
 //! Every method here does blocking file I/O: callers on the async workers
 //! go through `spawn_blocking`.
 
@@ -13,6 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
@@ -24,6 +31,28 @@ use crate::oci::Digest;
 /// (well under the usual 1024 limit), and an evicted file's blocks are
 /// freed only when its descriptor closes, so the number stays small.
 const OPEN_FILES: u64 = 256;
+
+/// The modification time of a sealed file: 2000-01-01T00:00:00Z, a time no
+/// write made today can have.
+pub(crate) const SEAL: Duration = Duration::from_secs(946_684_800);
+
+fn seal_time() -> SystemTime {
+    UNIX_EPOCH + SEAL
+}
+
+/// A committed file, opened: its length, and whether it is still sealed.
+pub(crate) struct Opened {
+    pub(crate) file: Arc<File>,
+    pub(crate) len: u64,
+    pub(crate) sealed: bool,
+}
+
+/// Free space on the data directory's file system (what an unprivileged
+/// writer may use), in bytes.
+pub(crate) fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
 
 /// The store on disk.
 pub(crate) struct Store {
@@ -41,8 +70,17 @@ impl Store {
     pub(crate) fn open(data_dir: &Path) -> Result<Arc<Store>, CacheError> {
         let root = data_dir.join("blobs");
         let tmp = root.join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+        // Emptied, not removed and made again: on a full disk a new
+        // directory may not fit, and deleting must still work.
+        if tmp.is_dir() {
+            for leftover in std::fs::read_dir(&tmp)? {
+                let path = leftover?.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
+            }
         }
         std::fs::create_dir_all(&tmp)?;
         std::fs::create_dir_all(root.join("sha256"))?;
@@ -71,16 +109,37 @@ impl Store {
     }
 
     /// Opens a committed file, if there is one (blocking: the file system),
-    /// and keeps it open for the next hits.
-    pub(crate) fn open_file(&self, digest: &Digest) -> Option<(Arc<File>, u64)> {
+    /// without trusting it yet: the caller checks it and then calls
+    /// [`Store::keep_open`].
+    pub(crate) fn open_file(&self, digest: &Digest) -> Option<Opened> {
         if !Store::cacheable(digest) {
             return None;
         }
         let f = File::open(self.path_of(digest)).ok()?;
-        let len = f.metadata().ok()?.len();
-        let opened = (Arc::new(f), len);
-        self.open_files.insert(digest.clone(), opened.clone());
-        Some(opened)
+        let meta = f.metadata().ok()?;
+        let sealed = meta.modified().ok() == Some(seal_time());
+        Some(Opened {
+            file: Arc::new(f),
+            len: meta.len(),
+            sealed,
+        })
+    }
+
+    /// Keeps a checked file open for the next hits.
+    pub(crate) fn keep_open(&self, digest: &Digest, file: Arc<File>, len: u64) {
+        self.open_files.insert(digest.clone(), (file, len));
+    }
+
+    /// Seals a file whose bytes were just verified (committed before files
+    /// were sealed, or found unsealed after an unclean stop).
+    pub(crate) fn seal(file: &File) -> std::io::Result<()> {
+        file.set_modified(seal_time())
+    }
+
+    /// Root of the store (its file system is the one free space is
+    /// measured on).
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     pub(crate) fn contains(&self, digest: &Digest) -> bool {
@@ -147,6 +206,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Hashes an open file from its start; `Ok(false)` when it does not
+    /// match `digest`. Reads by offset, leaving other readers undisturbed.
+    pub(crate) fn hash_matches(file: &File, digest: &Digest) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        loop {
+            let n = file.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(hex::encode(h.finalize()) == digest.encoded())
+    }
+
     /// Re-hashes a committed file; `Ok(false)` when it no longer matches.
     pub(crate) fn verify(&self, digest: &Digest) -> Result<bool, CacheError> {
         let mut f = File::open(self.path_of(digest))?;
@@ -205,6 +282,18 @@ impl Writer {
         }
     }
 
+    /// Bytes written (and hashed) so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Gives the temp file up (it is deleted; open readers keep its inode)
+    /// and returns the hash of the bytes it holds and their count, for a
+    /// fill that goes on without a file.
+    pub(crate) fn abandon(mut self) -> (Sha256, u64) {
+        (std::mem::take(&mut self.hasher), self.written)
+    }
+
     /// Verifies the digest, fsyncs, and renames into place. On a mismatch
     /// nothing becomes visible.
     pub(crate) fn commit(self) -> Result<u64, CacheError> {
@@ -224,7 +313,9 @@ impl Writer {
                 actual: format!("sha256:{actual}"),
             });
         }
-        self.open()?.sync_all()?;
+        let file = self.open()?;
+        Store::seal(file)?;
+        file.sync_all()?;
         self.file = None;
         let dest = self.store.path_of(digest);
         if let Some(parent) = dest.parent() {
@@ -264,8 +355,8 @@ mod tests {
         assert!(!store.contains(&d));
         w.write(b"world").expect("write");
         assert_eq!(w.commit().expect("commit"), 11);
-        let (_, len) = store.open_file(&d).expect("visible");
-        assert_eq!(len, 11);
+        let opened = store.open_file(&d).expect("visible");
+        assert_eq!((opened.len, opened.sealed), (11, true));
         assert!(store.verify(&d).expect("verify"));
 
         let bad = Digest::sha256_of(b"other");
@@ -275,6 +366,27 @@ mod tests {
         assert!(matches!(w.commit(), Err(CacheError::DigestMismatch { .. })));
         assert!(!store.contains(&bad));
         assert!(!tmp.exists(), "temp file left behind");
+    }
+
+    #[test]
+    fn a_file_written_after_its_commit_is_no_longer_sealed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let d = Digest::sha256_of(b"sealed");
+        let mut w = store.writer(&d).expect("writer");
+        w.write(b"sealed").expect("write");
+        w.commit().expect("commit");
+        assert!(store.open_file(&d).expect("file").sealed);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(store.path_of(&d))
+            .expect("open for writing");
+        f.write_all(b"S").expect("overwrite");
+        drop(f);
+        let opened = store.open_file(&d).expect("file");
+        assert!(!opened.sealed, "a changed file still looks sealed");
+        Store::seal(&opened.file).expect("reseal through a read-only descriptor");
+        assert!(store.open_file(&d).expect("file").sealed);
     }
 
     #[test]

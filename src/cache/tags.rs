@@ -8,6 +8,7 @@
 //! confirmed before.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use super::{ContentCache, Hit, Store};
 use crate::error::Error;
@@ -54,7 +55,7 @@ impl ContentCache {
     /// `auth_ttl` stands for this client on `repo`; `stale_yes` says whether
     /// one within `max_stale` does (asked only in an outage).
     pub(crate) async fn resolve_tag<S, SF, F>(
-        &self,
+        self: &Arc<Self>,
         repo: &RepoName,
         tag: &str,
         fresh_yes: bool,
@@ -113,7 +114,7 @@ impl ContentCache {
     /// The last known digest, while it is younger than `max_stale` and the
     /// client was allowed before.
     async fn stale<SF: Future<Output = bool>>(
-        &self,
+        self: &Arc<Self>,
         repo: &RepoName,
         tag: &str,
         known: Option<TagRecord>,
@@ -136,7 +137,7 @@ impl ContentCache {
     }
 
     /// The cached manifest a tag record names, with the record's media type.
-    async fn tag_hit(&self, rec: &TagRecord) -> Option<Hit> {
+    async fn tag_hit(self: &Arc<Self>, rec: &TagRecord) -> Option<Hit> {
         if !Store::cacheable(&rec.digest) {
             return None;
         }

@@ -141,6 +141,33 @@ fn is_lock_conflict(e: &sled::Error) -> bool {
     }
 }
 
+impl IndexError {
+    /// Whether the index's file system is out of space.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            IndexError::Storage(m) => {
+                m.contains("No space left on device") || m.contains("os error 28")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Copies the files under `from` into `to` (created), recursively.
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
 impl Index {
     /// Opens (or creates) the index under `dir`, stamping with the system
     /// clock.
@@ -171,6 +198,45 @@ impl Index {
                     IndexError::from(e)
                 }
             })?;
+        Index::on(db, clock)
+    }
+
+    /// Opens the index under `dir`, or — when its file system is full and
+    /// sled cannot open it (sled writes when it opens) — an empty stand-in
+    /// kept in memory (`/dev/shm`) and deleted on drop, with the reason.
+    /// Nothing of the real index is read or lost: it is there again at the
+    /// next start with room.
+    pub fn open_or_stand_in(
+        dir: &Path,
+        clock: Clock,
+        cache_bytes: u64,
+    ) -> Result<(Index, Option<IndexError>), IndexError> {
+        match Index::open_with(dir, clock.clone(), cache_bytes) {
+            Ok(index) => Ok((index, None)),
+            Err(e) if e.is_no_space() => {
+                let db = sled::Config::new()
+                    .temporary(true)
+                    .cache_capacity(cache_bytes)
+                    .open()?;
+                Ok((Index::on(db, clock)?, Some(e)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a copy of the index under `dir`, made in `scratch` (on another
+    /// file system): for reading a full disk's index without writing to it
+    /// (`graft cache gc`). What is written to the copy is thrown away with
+    /// `scratch`.
+    pub fn open_copy(dir: &Path, scratch: &Path, clock: Clock) -> Result<Index, IndexError> {
+        let storage = |e: std::io::Error| IndexError::Storage(e.to_string());
+        copy_dir(dir, scratch).map_err(storage)?;
+        // The copy carries the original's lock file, not its lock.
+        Index::open_with(scratch, clock, crate::config::DEFAULT_INDEX_CACHE_BYTES)
+    }
+
+    /// The stores over an opened database.
+    fn on(db: sled::Db, clock: Clock) -> Result<Index, IndexError> {
         schema::check_and_migrate(&db, clock.now_secs())?;
         let shared = Shared {
             clock,

@@ -69,11 +69,14 @@ impl Proxy {
                 config.storage.data_dir.display()
             ))
         })?;
-        let index = Index::open_with(
+        let (index, stand_in) = Index::open_or_stand_in(
             &config.storage.data_dir.join("index"),
             config.clock.clone(),
             config.index.cache_bytes,
         )?;
+        if let Some(why) = &stand_in {
+            tracing::error!(error = %why, "the data directory is full: running with the cache disabled and a temporary index in memory until graft restarts with room; referrers are learnt again from the fallback tags, and work owed at a crash is not kept");
+        }
         let referrers = Referrers::new(
             index.clone(),
             upstream.clone(),
@@ -82,14 +85,21 @@ impl Proxy {
             keys.clone(),
         );
         let metrics = Arc::new(Metrics::default());
-        let cache = if config.cache.enabled {
-            Some(ContentCache::open(
+        let cache = if config.cache.enabled && stand_in.is_none() {
+            match ContentCache::open(
                 &config.storage.data_dir,
                 index.clone(),
                 metrics.clone(),
                 config.cache.clone(),
                 config.clock.clone(),
-            )?)
+            ) {
+                Ok(cache) => Some(cache),
+                Err(e) if e.is_no_space() => {
+                    tracing::error!(error = %e, "the data directory is full: running with the cache disabled until graft restarts with room");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
         } else {
             None
         };
@@ -346,5 +356,23 @@ fn register_cache_metrics(metrics: &Metrics, cache: &Arc<ContentCache>) {
         "graft_cache_upload_sessions_dropped",
         "Upload sessions forgotten (their uploads pass through uncached) at cache.max_upload_sessions, cache.max_upload_sessions_per_client, cache.upload_idle_timeout or cache.upload_session_ttl.",
         move || c.upgrade().map_or(0, |c| c.upload_sessions_dropped()),
+    );
+    let c = Arc::downgrade(cache);
+    metrics.register_counter_fn(
+        "graft_cache_corrupt",
+        "Cache files found changed on disk (wrong size or bytes), dropped and fetched again.",
+        move || c.upgrade().map_or(0, |c| c.corrupt_found()),
+    );
+    let c = Arc::downgrade(cache);
+    metrics.register_counter_fn(
+        "graft_cache_fills_skipped",
+        "Misses streamed from the upstream uncached: no room on disk (cache.min_free).",
+        move || c.upgrade().map_or(0, |c| c.fills_skipped()),
+    );
+    let c = Arc::downgrade(cache);
+    metrics.register_gauge_fn(
+        "graft_cache_reserved_bytes",
+        "Bytes reserved by cache fills in flight (counted against cache.max_bytes).",
+        move || c.upgrade().map_or(0, |c| c.reserved_bytes()),
     );
 }

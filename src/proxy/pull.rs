@@ -147,7 +147,9 @@ async fn fetch(
     }
 }
 
-/// The upstream's answer, passed to the client as it came.
+/// The upstream's answer, passed to the client as it came, its body
+/// failing if the upstream goes silent for `upstream.body_timeout` (as a
+/// fill would).
 fn as_is(
     proxy: &Proxy,
     resp: Response<Incoming>,
@@ -157,7 +159,8 @@ fn as_is(
     proxy
         .upstream
         .rewrite_response_headers(&mut parts.headers, client)?;
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    let body = body::IdleTimeout::new(incoming, proxy.upstream.body_timeout());
+    Ok(Response::from_parts(parts, body::boxed(body)))
 }
 
 fn streamed(kind: Kind, digest: &Digest, streaming: Streaming) -> Response<Body> {
