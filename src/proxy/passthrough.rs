@@ -1,6 +1,8 @@
 //! Pass-through: the request goes to the upstream as it came (less
 //! hop-by-hop headers), the answer comes back as it went, bodies streaming in
-//! both directions. A non-2xx upstream answer is not an error here.
+//! both directions. A non-2xx upstream answer is not an error here. An
+//! upstream body silent for `upstream.body_timeout` fails, so a stalled
+//! upstream cannot hold a client (and its connection slot) forever.
 
 use http::{Request, Response};
 
@@ -22,5 +24,6 @@ pub(crate) async fn forward(
     proxy
         .upstream
         .rewrite_response_headers(&mut parts.headers, client)?;
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    let body = body::IdleTimeout::new(incoming, proxy.upstream.body_timeout());
+    Ok(Response::from_parts(parts, body::boxed(body)))
 }
