@@ -54,6 +54,9 @@ pub(crate) mod route;
 pub(crate) mod server;
 pub(crate) mod upstream;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
