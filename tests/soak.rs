@@ -110,7 +110,17 @@ impl Tally {
     }
 }
 
+/// Only warnings: an access-log line per request would cost the run CPU
+/// and, captured by the test harness, count as graft's memory growth.
+fn quiet_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_test_writer()
+        .try_init();
+}
+
 async fn soak(duration: Duration, clients: usize, rss_bound: Option<u64>) {
+    quiet_logs();
     let registry = Registry::start();
     let graft = Graft::start_with(&registry, |c| {
         // Idle upstream connections close soon, so that the descriptor
@@ -171,6 +181,11 @@ async fn soak(duration: Duration, clients: usize, rss_bound: Option<u64>) {
     }
     let elapsed = started.elapsed();
     sampler.abort();
+    // Pending: deleted referrers come back in graft's API under this load
+    // (found by this soak; see `fallback_tags_converge`). Until that is
+    // fixed the check waits and fails only when asked to.
+    let strict_tags = std::env::var_os("GRAFT_SOAK_CHECK_TAGS").is_some();
+    let converged = fallback_tags_converge(&graft, &direct, &pool, strict_tags).await;
 
     // Clients are gone with their tasks; graft's idle connections follow.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -189,6 +204,12 @@ async fn soak(duration: Duration, clients: usize, rss_bound: Option<u64>) {
         .map_or(0, |s| s.1);
     let last = samples.last().map_or(0, |s| s.1);
     let peak = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    // The curve, to tell a plateau from a leak: RSS at each fifth.
+    let curve: Vec<String> = (1..=5)
+        .filter_map(|k| samples.iter().rev().find(|(t, _)| *t <= elapsed * k / 5))
+        .map(|(t, b)| format!("{:.0} s: {:.1} MiB", t.as_secs_f64(), *b as f64 / 1048576.0))
+        .collect();
+    println!("resident memory over the run: {}", curve.join(", "));
     print_summary(
         &tally,
         clients,
@@ -203,6 +224,16 @@ async fn soak(duration: Duration, clients: usize, rss_bound: Option<u64>) {
         "errors the upstream did not cause: {:#?}",
         tally.samples
     );
+    match converged {
+        Err(stale) if strict_tags => {
+            panic!("fallback tags still differ from graft's listing after the load: {stale}")
+        }
+        Err(stale) => println!(
+            "PENDING (GRAFT_SOAK_CHECK_TAGS=1 fails on it): fallback tags differ from graft's \
+             listing: {stale}"
+        ),
+        Ok(_) => {}
+    }
     let total: u64 = tally.ops.values().map(|r| r.0 + r.1 + r.2).sum();
     assert!(
         total > clients as u64,
@@ -263,6 +294,64 @@ fn print_summary(
         mib(rss_last),
         mib(rss_peak)
     );
+}
+
+/// Once the load stops, every pool subject's fallback tag on the registry
+/// must come to list exactly what graft's referrers API lists (old clients
+/// lose no referrer, and see no deleted one): tag writes the registry
+/// refused under the load are owed and retried, with a back-off of up to a
+/// minute. Returns how long that took, or the subjects still differing
+/// (at once unless `wait`).
+async fn fallback_tags_converge(
+    graft: &Graft,
+    direct: &Api,
+    pool: &Pool,
+    wait: bool,
+) -> Result<Duration, String> {
+    let api = Api::for_graft(graft);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(if wait { 150 } else { 0 });
+    loop {
+        let mut stale = Vec::new();
+        for subject in &pool.subjects {
+            let mut upstream = artifacts::upstream_fallback_digests(direct, REPO, subject).await;
+            let mut listed = list(&api, subject).await.unwrap_or_default();
+            upstream.sort();
+            listed.sort();
+            if upstream != listed {
+                let mut only = Vec::new();
+                for d in upstream.iter().filter(|d| !listed.contains(d)) {
+                    only.push(format!("{d} only in the tag ({})", exists(direct, d).await));
+                }
+                for d in listed.iter().filter(|d| !upstream.contains(d)) {
+                    only.push(format!("{d} only in the API ({})", exists(direct, d).await));
+                }
+                stale.push(format!("subject {}: {}", subject.digest, only.join(", ")));
+            }
+        }
+        if stale.is_empty() {
+            let took = started.elapsed();
+            println!(
+                "fallback tags matched graft's listing {:.0} s after the load",
+                took.as_secs_f64()
+            );
+            return Ok(took);
+        }
+        if Instant::now() > deadline {
+            return Err(stale.join("; "));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Whether the registry still holds manifest `digest`, for the report.
+async fn exists(direct: &Api, digest: &str) -> &'static str {
+    let head = direct.head(&format!("/v2/{REPO}/manifests/{digest}"));
+    match head.send().await.map(|r| r.status().as_u16()) {
+        Ok(200) => "the registry has it",
+        Ok(404) => "deleted at the registry",
+        _ => "the registry did not say",
+    }
 }
 
 /// Open descriptors: (everything but committed cache files, committed
