@@ -60,6 +60,9 @@ pub(crate) mod server;
 pub(crate) mod token;
 pub(crate) mod upstream;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,7 @@ mod manifest;
 mod passthrough;
 mod pull;
 mod referrers;
-mod serve;
+pub(crate) mod serve;
 mod tag_list;
 mod upload;
 

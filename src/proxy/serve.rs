@@ -95,7 +95,8 @@ pub(super) fn content_response(
     resp
 }
 
-enum RangeAnswer {
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RangeAnswer {
     Range(u64, u64),
     Unsatisfiable,
     /// Not a single byte range graft serves (multiple ranges, other units):
@@ -104,7 +105,7 @@ enum RangeAnswer {
 }
 
 /// Parses a single `bytes=` range against a length; the range is `[a, b)`.
-fn parse_range(value: &str, len: u64) -> RangeAnswer {
+pub(crate) fn parse_range(value: &str, len: u64) -> RangeAnswer {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return RangeAnswer::Ignore;
     };
@@ -129,7 +130,9 @@ fn parse_range(value: &str, len: u64) -> RangeAnswer {
             None => RangeAnswer::Ignore,
         },
         (false, false) => match (parse(a), parse(b)) {
-            (Some(s), Some(e)) if s <= e && s < len => RangeAnswer::Range(s, (e + 1).min(len)),
+            (Some(s), Some(e)) if s <= e && s < len => {
+                RangeAnswer::Range(s, e.saturating_add(1).min(len))
+            }
             (Some(_), Some(_)) => RangeAnswer::Unsatisfiable,
             _ => RangeAnswer::Ignore,
         },
