@@ -431,7 +431,7 @@ impl Job {
         if let Err(why) = &outcome {
             tracing::warn!(%digest, why, "relaying a handed-over fill failed");
         }
-        readers.finish(outcome).await;
+        readers.finish(outcome, self.body_timeout).await;
     }
 
     /// Relays `rest`, then the body, to the readers, hashing as it goes;

@@ -81,14 +81,16 @@ impl Readers {
         !self.0.is_empty()
     }
 
-    /// Ends every reader's body: cleanly, or with `why`.
-    pub(super) async fn finish(self, outcome: Result<(), String>) {
+    /// Ends every reader's body: cleanly, or with `why`. A reader with a
+    /// full channel gets `patience` as with any chunk, so a client that
+    /// stopped reading cannot keep the job (and its reservation) alive.
+    pub(super) async fn finish(self, outcome: Result<(), String>, patience: Duration) {
         for tx in self.0 {
             let last = match &outcome {
                 Ok(()) => Spill::End,
                 Err(why) => Spill::Failed(why.clone()),
             };
-            let _ = tx.send(last).await;
+            let _ = tx.send_timeout(last, patience).await;
         }
     }
 }

@@ -268,6 +268,10 @@ fn libtrust_key_id(spki: &[u8]) -> String {
 struct Trusted {
     der: CertificateDer<'static>,
     kid: String,
+    /// notBefore and notAfter, Unix seconds: checked when the certificate
+    /// signs as its own `x5c` leaf, as Go's `Verify` checks a leaf's dates
+    /// even when the leaf is in the root pool.
+    valid: (i64, i64),
 }
 
 /// Validates registry tokens against the registry's token-signing bundle
@@ -325,11 +329,21 @@ impl TokenVerifier {
         let trusted = certs
             .into_iter()
             .zip(&anchors)
-            .map(|(der, anchor)| Trusted {
-                kid: libtrust_key_id(&anchor.subject_public_key_info),
-                der,
+            .map(|(der, anchor)| {
+                let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+                    .map_err(|e| format!("unusable certificate in the bundle ({e})"))?;
+                let validity = parsed.validity();
+                let valid = (
+                    validity.not_before.timestamp(),
+                    validity.not_after.timestamp(),
+                );
+                Ok(Trusted {
+                    kid: libtrust_key_id(&anchor.subject_public_key_info),
+                    der,
+                    valid,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(TokenVerifier {
             anchors,
             trusted,
@@ -453,7 +467,25 @@ impl TokenVerifier {
         now_secs: u64,
     ) -> Result<EndEntityCert<'a>, JwtError> {
         let cert = EndEntityCert::try_from(leaf).map_err(JwtError::Chain)?;
-        if self.trusted.iter().any(|t| t.der == *leaf) {
+        if let Some(t) = self.trusted.iter().find(|t| t.der == *leaf) {
+            let at =
+                |secs: i64| UnixTime::since_unix_epoch(Duration::from_secs(secs.max(0) as u64));
+            let now = i64::try_from(now_secs).unwrap_or(i64::MAX);
+            let time = at(now);
+            if now < t.valid.0 {
+                let not_before = at(t.valid.0);
+                return Err(JwtError::Chain(webpki::Error::CertNotValidYet {
+                    time,
+                    not_before,
+                }));
+            }
+            if now > t.valid.1 {
+                let not_after = at(t.valid.1);
+                return Err(JwtError::Chain(webpki::Error::CertExpired {
+                    time,
+                    not_after,
+                }));
+            }
             return Ok(cert);
         }
         let time = UnixTime::since_unix_epoch(Duration::from_secs(now_secs));

@@ -420,3 +420,31 @@ fn the_libtrust_key_id_is_sha256_of_the_spki_in_base32_groups() {
         assert_eq!(libtrust_key_id(&spki[header_len..]), expected);
     }
 }
+
+#[test]
+fn a_bundle_certificate_signing_as_its_own_chain_holds_to_its_dates() {
+    // distribution (Go's Verify) checks a leaf's dates even when the leaf
+    // is in the root pool: an expired signing certificate still in the
+    // bundle must not vouch for a token offline.
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "retired token signer");
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let cert = params.self_signed(&key).expect("self-signed");
+    let s = Signer {
+        ca_pem: cert.pem(),
+        chain: vec![STANDARD.encode(cert.der())],
+        key,
+        rsa: false,
+    };
+    let v = s.verifier();
+    let token = s.mint(claims("app", &["pull"]));
+    assert!(matches!(
+        check(&v, &token, "app", NOW),
+        Err(JwtError::Chain(_))
+    ));
+}

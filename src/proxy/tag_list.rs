@@ -236,7 +236,9 @@ fn as_is(
     proxy
         .upstream
         .rewrite_response_headers(&mut parts.headers, client)?;
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    // As for every upstream body graft passes on: silence ends it.
+    let body = body::IdleTimeout::new(incoming, proxy.upstream.body_timeout());
+    Ok(Response::from_parts(parts, body::boxed(body)))
 }
 
 #[cfg(test)]
