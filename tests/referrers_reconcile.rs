@@ -234,3 +234,46 @@ async fn a_write_the_registry_refuses_even_recomputed_is_dropped_and_counted() {
         "the dropped write is not owed"
     );
 }
+
+#[tokio::test]
+async fn one_read_asks_about_at_most_32_manifests_and_the_next_read_carries_on() {
+    let registry = Registry::start();
+    let graft = Graft::start_with(&registry, |c| c.referrers.tag_ttl = Duration::ZERO);
+    let api = Api::for_graft(&graft);
+    let upstream = Api::for_registry(&registry);
+    let subject = push_subject(&api, "app", "v1").await;
+    let keep = attach(&api, &subject, "application/vnd.example.keep").await;
+    let mut doomed = Vec::new();
+    for i in 0..40 {
+        doomed.push(attach(&api, &subject, &format!("application/vnd.example.{i}")).await);
+    }
+    assert_eq!(listed(&api, &subject).await.len(), 41);
+
+    // 40 referrers deleted at the registry, and the tag rewritten without
+    // them: a diff larger than one read may judge.
+    for m in &doomed {
+        delete_upstream(&registry, m).await;
+    }
+    put_fallback_tag(
+        &upstream,
+        "app",
+        &subject.fallback_tag(),
+        &[expected_descriptor(&keep)],
+    )
+    .await;
+    common::settle(&registry).await;
+    let heads_before = registry.count_requests("HEAD", "/v2/app/manifests/sha256:");
+
+    let first = listed(&api, &subject).await;
+    common::settle(&registry).await;
+    let heads = registry.count_requests("HEAD", "/v2/app/manifests/sha256:") - heads_before;
+    assert_eq!(heads, 32, "HEADs of referrer manifests in one query");
+    assert_eq!(first.len(), 1 + 40 - 32, "the unjudged ones stay listed");
+
+    assert_eq!(listed(&api, &subject).await, digests(&[&keep]));
+    assert_eq!(
+        upstream_fallback_digests(&upstream, "app", &subject).await,
+        digests(&[&keep])
+    );
+    assert_eq!(owed_after_shutdown(graft), 0);
+}

@@ -231,7 +231,9 @@ impl Referrers {
         let ingested = self
             .ingest(repo, ingest::Holder::Subject(subject), &tag.index, auth)
             .await?;
-        let reconciled = self.reconcile(repo, subject, &tag, auth).await?;
+        let reconciled = self
+            .reconcile(repo, subject, &tag, &ingested.checked, auth)
+            .await?;
         let seen = (ingested.stats.complete() && reconciled.complete).then_some(tag.digest);
         if let Some(d) = &seen {
             let (r, s, d) = (repo.clone(), subject.clone(), d.clone());

@@ -74,7 +74,8 @@ impl Referrers {
     }
 
     /// Judges the referrers of `subject` graft knows against `tag` (read
-    /// just now, and already ingested): the known ones it lacks first, then
+    /// just now, and already ingested; `fresh` are the entries ingesting
+    /// just asked the upstream about): the known ones it lacks first, then
     /// (with what is left of the budget) some it lists, starting at a place
     /// the tag's digest picks so that successive reads cover all of them.
     pub(super) async fn reconcile(
@@ -82,6 +83,7 @@ impl Referrers {
         repo: &RepoName,
         subject: &Digest,
         tag: &TagRead,
+        fresh: &[Digest],
         auth: Option<&HeaderValue>,
     ) -> Result<Reconciled, Error> {
         let (r, s) = (repo.clone(), subject.clone());
@@ -89,9 +91,10 @@ impl Referrers {
             .index
             .blocking(move |ix| ix.referrers().list(&r, &s))
             .await?;
-        let (lacked, listed): (Vec<Descriptor>, Vec<Descriptor>) = known
+        let (lacked, mut listed): (Vec<Descriptor>, Vec<Descriptor>) = known
             .into_iter()
             .partition(|k| !tag.index.iter().any(|e| e.digest == k.digest));
+        listed.retain(|k| !fresh.contains(&k.digest));
         let mut out = Reconciled {
             complete: lacked.len() <= MAX_HEADS_PER_READ,
             rewrite: false,
@@ -119,26 +122,28 @@ impl Referrers {
         }
         if !gone.is_empty() {
             tracing::info!(%repo, %subject, gone = gone.len(), "referrers deleted upstream; dropped from the index");
-            self.forget_gone(repo, gone).await?;
+            // This subject's tag is the caller's to repair (`rewrite`).
+            self.forget_gone(repo, gone, Some(subject)).await?;
         }
         Ok(out)
     }
 
     /// Drops referrers the upstream said are gone: out of the index, with a
-    /// tombstone, and (when graft keeps tags) every tag that lists them
-    /// owes a rewrite.
+    /// tombstone, and (when graft keeps tags) the tags of their subjects
+    /// other than `except` owe a rewrite.
     pub(super) async fn forget_gone(
         &self,
         repo: &RepoName,
         gone: Vec<Digest>,
+        except: Option<&Digest>,
     ) -> Result<(), Error> {
         let owe = self.writes_tags();
-        let r = repo.clone();
+        let (r, except) = (repo.clone(), except.cloned());
         self.index
             .blocking(move |ix| {
                 for d in &gone {
                     for s in ix.referrers().remove_referrer(&r, d)? {
-                        if owe {
+                        if owe && except.as_ref() != Some(&s) {
                             ix.intents().owe_tag_write(&r, &s)?;
                         }
                     }

@@ -190,7 +190,7 @@ impl Referrers {
         }
         if !gone.is_empty() {
             tracing::info!(%repo, gone = gone.len(), "fallback tag named manifests deleted upstream; dropped");
-            self.forget_gone(repo, gone).await?;
+            self.forget_gone(repo, gone, None).await?;
         }
         Ok(kept)
     }
@@ -237,14 +237,16 @@ impl Referrers {
         let mut judged = true;
         let undecided = match current {
             Some(t) => {
-                let undecided = self
+                let ingested = self
                     .ingest(repo, Holder::Subject(subject), &t.index, auth)
-                    .await?
-                    .undecided;
+                    .await?;
                 if self.tag_changed(repo, subject, t).await? {
-                    judged = self.reconcile(repo, subject, t, auth).await?.complete;
+                    judged = self
+                        .reconcile(repo, subject, t, &ingested.checked, auth)
+                        .await?
+                        .complete;
                 }
-                undecided
+                ingested.undecided
             }
             None => Vec::new(),
         };
