@@ -10,9 +10,11 @@
 //!
 //! Here: listing, and the push and delete lifecycle (intents first, so a
 //! crash never loses what the upstream accepted). `fallback.rs` reads the
-//! tags, `ingest.rs` learns from them, `tag_write.rs` writes them,
-//! `writer.rs` serializes the writes, `recover.rs` finishes what a crash
-//! interrupted. Index work runs on the blocking pool, a batch at a time.
+//! tags, `ingest.rs` learns from them, `reconcile.rs` asks the upstream
+//! about what a changed tag and the index disagree on, `tag_write.rs`
+//! writes them, `writer.rs` serializes the writes, `recover.rs` finishes
+//! what a crash interrupted. Index work runs on the blocking pool, a batch
+//! at a time.
 
 pub(crate) mod fallback;
 mod ingest;

@@ -465,3 +465,24 @@ impl Unauthorized {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_of_the_content_are_recomputed_and_dropped() {
+        assert!(is_hopeless(StatusCode::BAD_REQUEST));
+        assert!(is_hopeless(StatusCode::PAYLOAD_TOO_LARGE));
+        assert!(is_hopeless(StatusCode::METHOD_NOT_ALLOWED));
+        for transient_or_credentials in [
+            StatusCode::UNAUTHORIZED,
+            StatusCode::FORBIDDEN,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::BAD_GATEWAY,
+        ] {
+            assert!(!is_hopeless(transient_or_credentials));
+        }
+    }
+}
