@@ -277,3 +277,48 @@ async fn one_read_asks_about_at_most_32_manifests_and_the_next_read_carries_on()
     );
     assert_eq!(owed_after_shutdown(graft), 0);
 }
+
+#[tokio::test]
+async fn an_owed_write_recovery_finds_refused_is_recomputed_and_heals_after_a_restart() {
+    let registry = Registry::start();
+    let mut graft = Graft::start(&registry);
+    let api = Api::for_graft(&graft);
+    let upstream = Api::for_registry(&registry);
+    let subject = push_subject(&api, "app", "v1").await;
+    let sig = attach(&api, &subject, "application/vnd.example.sig").await;
+    let sbom = attach(&api, &subject, "application/spdx+json").await;
+
+    // While graft is down: the signature is deleted at the registry (the
+    // tag still lists it), and graft's index holds a referrer accepted
+    // just before a crash, its tag write owed.
+    graft.begin_shutdown();
+    graft
+        .wait_stopped(Duration::from_secs(30))
+        .expect("graft stops cleanly");
+    delete_upstream(&registry, &sig).await;
+    let vex = attach(&upstream, &subject, "application/vnd.example.vex").await;
+    {
+        let index = graft::index::Index::open(&graft.data_dir().join("index")).expect("index");
+        let repo = graft::oci::RepoName::parse("app").expect("name");
+        let s: graft::oci::Digest = subject.digest.parse().expect("digest");
+        let d: graft::oci::Descriptor =
+            serde_json::from_value(expected_descriptor(&vex)).expect("descriptor");
+        index.referrers().add(&repo, &s, &d).expect("index vex");
+        index.intents().owe_tag_write(&repo, &s).expect("owe");
+        index.flush().await.expect("flush");
+    }
+    graft.restart();
+
+    // Recovery's write names the deleted signature, is refused with 400,
+    // and is recomputed from the registry's state.
+    common::eventually(Duration::from_secs(20), "the tag heals", || async {
+        upstream_fallback_digests(&upstream, "app", &subject).await == digests(&[&sbom, &vex])
+    })
+    .await;
+    assert_eq!(listed(&api, &subject).await, digests(&[&sbom, &vex]));
+    assert_eq!(
+        metric(&api, "graft_referrers_tag_writes_dropped_total").await,
+        0
+    );
+    assert_eq!(owed_after_shutdown(graft), 0, "nothing left to retry");
+}
