@@ -3,8 +3,9 @@
 //! - `referrers`: repo ∅ subject ∅ referrer → descriptor JSON (the data;
 //!   never pruned)
 //! - `by_referrer`: repo ∅ referrer ∅ subject → () (deletes find subjects)
-//! - `tombstones`: repo ∅ digest → stamp (deleted through graft: entries of
-//!   stale fallback tags must not bring them back)
+//! - `tombstones`: repo ∅ digest → stamp (deleted through graft, or found
+//!   gone upstream by a HEAD: entries of stale fallback tags must not bring
+//!   them back)
 //! - `rejected`: repo ∅ subject ∅ referrer → stamp (fallback-tag entries
 //!   whose manifest did not name the subject; checked once)
 //! - `fallback_seen`: repo ∅ subject → stamp ++ digest of the fallback tag

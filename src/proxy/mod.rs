@@ -340,6 +340,12 @@ fn register_tag_size_metrics(metrics: &Metrics, referrers: &Arc<Referrers>) {
         "Fallback-tag writes the registry refused with 400 or 413, not retried unchanged.",
         move || r.upgrade().map_or(0, |r| r.tag_size().refused()),
     );
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_writes_dropped",
+        "Fallback-tag writes the registry refused even when recomputed from its current state; dropped, not retried.",
+        move || r.upgrade().map_or(0, |r| r.tag_writes_dropped()),
+    );
 }
 
 /// The cache's own counts, read at scrape time.

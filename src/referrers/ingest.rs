@@ -49,6 +49,9 @@ pub(super) struct Ingested {
     pub(super) stats: ReindexStats,
     /// The entries the upstream could not judge now, as the tag had them.
     pub(super) undecided: Vec<Descriptor>,
+    /// The entries the upstream was asked about just now (their manifests
+    /// fetched): reconciling need not ask again.
+    pub(super) checked: Vec<Digest>,
 }
 
 /// What checking one referrer candidate found.
@@ -85,6 +88,7 @@ impl Referrers {
         let unseen = self.unseen(repo, subject, index).await?;
         let mut findings = Findings::default();
         let mut undecided = Vec::new();
+        let checked = unseen.iter().map(|e| e.digest.clone()).collect();
         for entry in unseen {
             match self.check(repo, &entry.digest, auth).await {
                 Verdict::Referrer(found, d) if holder.holds(&found) => {
@@ -103,7 +107,11 @@ impl Referrers {
             added,
             undecided: undecided.len(),
         };
-        Ok(Ingested { stats, undecided })
+        Ok(Ingested {
+            stats,
+            undecided,
+            checked,
+        })
     }
 
     /// The entries that need a check: not deleted through graft, and (when

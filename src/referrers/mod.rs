@@ -10,12 +10,15 @@
 //!
 //! Here: listing, and the push and delete lifecycle (intents first, so a
 //! crash never loses what the upstream accepted). `fallback.rs` reads the
-//! tags, `ingest.rs` learns from them, `tag_write.rs` writes them,
-//! `writer.rs` serializes the writes, `recover.rs` finishes what a crash
-//! interrupted. Index work runs on the blocking pool, a batch at a time.
+//! tags, `ingest.rs` learns from them, `reconcile.rs` asks the upstream
+//! about what a changed tag and the index disagree on, `tag_write.rs`
+//! writes them, `writer.rs` serializes the writes, `recover.rs` finishes
+//! what a crash interrupted. Index work runs on the blocking pool, a batch
+//! at a time.
 
 pub(crate) mod fallback;
 mod ingest;
+mod reconcile;
 mod recover;
 mod tag_fit;
 mod tag_write;
@@ -90,6 +93,9 @@ pub struct Referrers {
     /// Tag writes a client's credentials could not make and graft had no
     /// account of its own to make instead (`graft_tag_writes_unauthorized`).
     unauthorized: tag_write::Unauthorized,
+    /// Tag writes the registry refused even after recomputing them from
+    /// its current state: dropped, not looped.
+    tag_writes_dropped: std::sync::atomic::AtomicU64,
 }
 
 /// Longer than any forward can take (a buffered manifest, bounded by
@@ -114,6 +120,12 @@ impl Referrers {
     /// make with an account of its own, for `/metrics`.
     pub fn tag_writes_unauthorized(&self) -> u64 {
         self.unauthorized.count()
+    }
+
+    /// Fallback-tag writes dropped after the registry refused them twice
+    /// (the second time recomputed), for `/metrics`.
+    pub fn tag_writes_dropped(&self) -> u64 {
+        self.tag_writes_dropped.load(Ordering::Relaxed)
     }
 
     pub fn new(
@@ -147,6 +159,7 @@ impl Referrers {
             keys,
             tag_size: tag_fit::TagSizeCounters::default(),
             unauthorized: tag_write::Unauthorized::default(),
+            tag_writes_dropped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -192,27 +205,56 @@ impl Referrers {
         subject: &Digest,
         auth: Option<&HeaderValue>,
     ) -> Result<Access<Vec<Descriptor>>, Error> {
-        let seen = match self.read_fallback(repo, subject, auth, true).await? {
+        match self.read_fallback(repo, subject, auth, true).await? {
             Access::Denied(resp) => return Ok(Access::Denied(resp)),
-            Access::Granted(Some(tag)) => {
-                let ingested = self
-                    .ingest(repo, ingest::Holder::Subject(subject), &tag.index, auth)
-                    .await?;
-                ingested.stats.complete().then_some(tag.digest)
-            }
-            Access::Granted(None) => None,
-        };
+            Access::Granted(Some(tag)) => self.settle_read(repo, subject, tag, auth).await?,
+            Access::Granted(None) => {}
+        }
         let (repo, subject) = (repo.clone(), subject.clone());
         let listed = self
             .index
-            .blocking(move |ix| {
-                if let Some(d) = seen {
-                    ix.referrers().set_fallback_seen(&repo, &subject, &d);
-                }
-                ix.referrers().list(&repo, &subject)
-            })
+            .blocking(move |ix| ix.referrers().list(&repo, &subject))
             .await?;
         Ok(Access::Granted(listed))
+    }
+
+    /// Learns from a fallback tag that changed since graft last saw it and
+    /// reconciles the index with it (the upstream judging); repairs the tag
+    /// when it lacks a referrer that exists or lists one that is gone.
+    /// Graft skips re-reading the tag while it is unchanged only once
+    /// everything in it was decided.
+    async fn settle_read(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        tag: fallback::TagRead,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let ingested = self
+            .ingest(repo, ingest::Holder::Subject(subject), &tag.index, auth)
+            .await?;
+        let reconciled = self
+            .reconcile(repo, subject, &tag, &ingested.checked, auth)
+            .await?;
+        let seen = (ingested.stats.complete() && reconciled.complete).then_some(tag.digest);
+        if let Some(d) = &seen {
+            let (r, s, d) = (repo.clone(), subject.clone(), d.clone());
+            self.index
+                .blocking(move |ix| {
+                    ix.referrers().set_fallback_seen(&r, &s, &d);
+                    Ok(())
+                })
+                .await?;
+        }
+        if reconciled.rewrite && self.writes_tags() {
+            let (r, s) = (repo.clone(), subject.clone());
+            self.index
+                .blocking(move |ix| ix.intents().owe_tag_write(&r, &s))
+                .await?;
+            self.index.flush().await?;
+            self.write_tag(repo, subject, auth).await;
+        }
+        Ok(())
     }
 
     /// The referrers of `subject` in `repo` the index holds, without asking

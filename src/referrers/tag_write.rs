@@ -11,6 +11,7 @@ use http::{Method, StatusCode};
 
 use super::fallback::{self, TagRead};
 use super::ingest::Holder;
+use super::reconcile::Presence;
 use super::tag_fit::{self, Fit, TagSizeCounters};
 use super::{subject_of_tag, Access, Referrers};
 use crate::error::Error;
@@ -73,12 +74,45 @@ impl Referrers {
         true
     }
 
+    /// One write, and when the registry refuses it with a 4xx that is not
+    /// about credentials or rate, once more, recomputed from the upstream's
+    /// current state (the tag read again, every entry checked with a HEAD):
+    /// a tag naming a manifest deleted behind graft's back is refused with
+    /// 400, and the same bytes would be refused forever. A write that still
+    /// fails is dropped with a warning and a count, never looped (the next
+    /// change to this subject's referrers tries anew).
     async fn try_write_tag(
         &self,
         repo: &RepoName,
         subject: &Digest,
         auth: Option<&HeaderValue>,
     ) -> Result<(), Error> {
+        let Attempt::Refused { status, what } = self.write_once(repo, subject, auth, false).await?
+        else {
+            return Ok(());
+        };
+        tracing::info!(%repo, %subject, %status, %what, "the registry refused the fallback tag; recomputing it from the upstream's state");
+        let Attempt::Refused { status, what } = self.write_once(repo, subject, auth, true).await?
+        else {
+            return Ok(());
+        };
+        if status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE {
+            TagSizeCounters::add(&self.tag_size.refused, 1);
+        }
+        self.tag_writes_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%repo, %subject, %status, %what, "the registry refused the recomputed fallback tag too; write dropped, not retried");
+        Ok(())
+    }
+
+    /// Reads the tag, merges, and writes it when it changed. With `verify`,
+    /// every entry to write is first checked with the upstream.
+    async fn write_once(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+        verify: bool,
+    ) -> Result<Attempt, Error> {
         let current = match self.read_fallback(repo, subject, auth, false).await? {
             Access::Denied(d) => {
                 return Err(Error::UpstreamRefused {
@@ -88,27 +122,34 @@ impl Referrers {
             }
             Access::Granted(t) => t,
         };
-        let (entries, complete) = self.merged(repo, subject, current.as_ref(), auth).await?;
+        let (mut entries, complete) = self.merged(repo, subject, current.as_ref(), auth).await?;
+        if verify {
+            entries = self.verified(repo, entries, auth).await?;
+        }
         let Some(entries) = self.fit_tag(repo, subject, entries) else {
             // Not attempted, and not owed: the same entries would not fit
             // on any retry (the next change to them tries again).
-            return Ok(());
+            return Ok(Attempt::Done);
         };
         let unchanged = current.as_ref().is_some_and(|t| {
             t.index.len() == entries.len() && entries.iter().all(|k| t.index.iter().any(|m| m == k))
         });
         if unchanged {
-            return Ok(());
+            if let Some(t) = current.filter(|_| complete) {
+                // Judged and right as it is: queries may skip re-reading it.
+                let (r, s) = (repo.clone(), subject.clone());
+                self.index
+                    .blocking(move |ix| {
+                        ix.referrers().set_fallback_seen(&r, &s, &t.digest);
+                        Ok(())
+                    })
+                    .await?;
+            }
+            return Ok(Attempt::Done);
         }
         let digest = match self.put_tag(repo, subject, entries, auth).await {
-            Err(Error::UpstreamRefused { status, what })
-                if status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                // The same bytes would be refused again: not owed further
-                // (the next change to this subject's referrers tries anew).
-                TagSizeCounters::add(&self.tag_size.refused, 1);
-                tracing::warn!(%repo, %subject, %status, %what, "the registry refused the fallback tag; not retrying it unchanged");
-                return Ok(());
+            Err(Error::UpstreamRefused { status, what }) if is_hopeless(status) => {
+                return Ok(Attempt::Refused { status, what })
             }
             written => written?,
         };
@@ -124,7 +165,34 @@ impl Referrers {
                 .await?;
         }
         self.index.flush().await?;
-        Ok(())
+        Ok(Attempt::Done)
+    }
+
+    /// `entries` without the manifests the upstream says are gone (those
+    /// leave the index too, with a tombstone). At most
+    /// [`MAX_VERIFIED_ENTRIES`] are asked about; the rest are kept.
+    async fn verified(
+        &self,
+        repo: &RepoName,
+        entries: Vec<Descriptor>,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Vec<Descriptor>, Error> {
+        let mut kept = Vec::with_capacity(entries.len());
+        let mut gone = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            if i < MAX_VERIFIED_ENTRIES
+                && self.presence(repo, &e.digest, auth).await == Presence::Gone
+            {
+                gone.push(e.digest);
+            } else {
+                kept.push(e);
+            }
+        }
+        if !gone.is_empty() {
+            tracing::info!(%repo, gone = gone.len(), "fallback tag named manifests deleted upstream; dropped");
+            self.forget_gone(repo, gone, None).await?;
+        }
+        Ok(kept)
     }
 
     /// Applies the size rule (`tag_fit`) to the entries of the tag of
@@ -166,11 +234,19 @@ impl Referrers {
         current: Option<&TagRead>,
         auth: Option<&HeaderValue>,
     ) -> Result<(Vec<Descriptor>, bool), Error> {
+        let mut judged = true;
         let undecided = match current {
             Some(t) => {
-                self.ingest(repo, Holder::Subject(subject), &t.index, auth)
-                    .await?
-                    .undecided
+                let ingested = self
+                    .ingest(repo, Holder::Subject(subject), &t.index, auth)
+                    .await?;
+                if self.tag_changed(repo, subject, t).await? {
+                    judged = self
+                        .reconcile(repo, subject, t, &ingested.checked, auth)
+                        .await?
+                        .complete;
+                }
+                ingested.undecided
             }
             None => Vec::new(),
         };
@@ -179,7 +255,7 @@ impl Referrers {
             .index
             .blocking(move |ix| ix.referrers().list(&r, &s))
             .await?;
-        let complete = undecided.is_empty();
+        let complete = judged && undecided.is_empty();
         for u in undecided {
             if !entries.iter().any(|e| e.digest == u.digest) {
                 entries.push(u);
@@ -323,6 +399,27 @@ impl Referrers {
     }
 }
 
+/// How one attempt at a tag write ended, short of a transient error.
+enum Attempt {
+    /// Written, or nothing to write.
+    Done,
+    /// The registry refused the bytes (a 4xx the same bytes would get again).
+    Refused { status: StatusCode, what: String },
+}
+
+/// Most entries a recomputed write asks the upstream about: a refused write
+/// of a huge tag must not turn into thousands of requests.
+const MAX_VERIFIED_ENTRIES: usize = 256;
+
+/// A refusal of the tag's content: not credentials (graft may retry with
+/// its own), not rate or time (transient, the write stays owed).
+fn is_hopeless(status: StatusCode) -> bool {
+    status.is_client_error()
+        && !crate::upstream::is_denial(status)
+        && status != StatusCode::TOO_MANY_REQUESTS
+        && status != StatusCode::REQUEST_TIMEOUT
+}
+
 /// Whether a write failed because the upstream refused the credentials.
 fn is_refusal(written: &Result<(), Error>) -> bool {
     matches!(written, Err(Error::UpstreamRefused { status, .. }) if crate::upstream::is_denial(*status))
@@ -365,6 +462,27 @@ impl Unauthorized {
             tracing::warn!(%repo, "graft's upstream account may not write fallback tags here; fallback-tag upkeep needs push rights on this repository (writes stay owed)");
         } else {
             tracing::warn!(%repo, "a client's credentials may not write a fallback tag and graft has no upstream account; fallback-tag upkeep needs upstream.username/password with push rights (writes stay owed)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_of_the_content_are_recomputed_and_dropped() {
+        assert!(is_hopeless(StatusCode::BAD_REQUEST));
+        assert!(is_hopeless(StatusCode::PAYLOAD_TOO_LARGE));
+        assert!(is_hopeless(StatusCode::METHOD_NOT_ALLOWED));
+        for transient_or_credentials in [
+            StatusCode::UNAUTHORIZED,
+            StatusCode::FORBIDDEN,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::REQUEST_TIMEOUT,
+            StatusCode::BAD_GATEWAY,
+        ] {
+            assert!(!is_hopeless(transient_or_credentials));
         }
     }
 }
