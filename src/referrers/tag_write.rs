@@ -78,24 +78,41 @@ impl Referrers {
     /// about credentials or rate, once more, recomputed from the upstream's
     /// current state (the tag read again, every entry checked with a HEAD):
     /// a tag naming a manifest deleted behind graft's back is refused with
-    /// 400, and the same bytes would be refused forever. A write that still
-    /// fails is dropped with a warning and a count, never looped (the next
-    /// change to this subject's referrers tries anew).
+    /// 400, and the same bytes would be refused forever. When the
+    /// recomputed write names the same entries and is refused again, it
+    /// cannot succeed: dropped with a warning and a count, never looped
+    /// (the next change to this subject's referrers tries anew). When the
+    /// entries changed in between (a concurrent delete raced the check),
+    /// the write stays owed and is recomputed again later: dropping it
+    /// could leave a referrer the upstream accepted out of the tag.
     async fn try_write_tag(
         &self,
         repo: &RepoName,
         subject: &Digest,
         auth: Option<&HeaderValue>,
     ) -> Result<(), Error> {
-        let Attempt::Refused { status, what } = self.write_once(repo, subject, auth, false).await?
+        let Attempt::Refused {
+            status,
+            what,
+            named,
+        } = self.write_once(repo, subject, auth, false).await?
         else {
             return Ok(());
         };
         tracing::info!(%repo, %subject, %status, %what, "the registry refused the fallback tag; recomputing it from the upstream's state");
-        let Attempt::Refused { status, what } = self.write_once(repo, subject, auth, true).await?
+        let Attempt::Refused {
+            status,
+            what,
+            named: renamed,
+        } = self.write_once(repo, subject, auth, true).await?
         else {
             return Ok(());
         };
+        if renamed != named {
+            // Not the same write refused twice: the referrers changed under
+            // it. Owed, recomputed again by the next write or recovery.
+            return Err(Error::UpstreamRefused { status, what });
+        }
         if status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE {
             TagSizeCounters::add(&self.tag_size.refused, 1);
         }
@@ -147,9 +164,14 @@ impl Referrers {
             }
             return Ok(Attempt::Done);
         }
+        let named: Vec<Digest> = entries.iter().map(|e| e.digest.clone()).collect();
         let digest = match self.put_tag(repo, subject, entries, auth).await {
             Err(Error::UpstreamRefused { status, what }) if is_hopeless(status) => {
-                return Ok(Attempt::Refused { status, what })
+                return Ok(Attempt::Refused {
+                    status,
+                    what,
+                    named,
+                })
             }
             written => written?,
         };
@@ -403,8 +425,13 @@ impl Referrers {
 enum Attempt {
     /// Written, or nothing to write.
     Done,
-    /// The registry refused the bytes (a 4xx the same bytes would get again).
-    Refused { status: StatusCode, what: String },
+    /// The registry refused the bytes (a 4xx the same bytes would get
+    /// again), which named these referrers.
+    Refused {
+        status: StatusCode,
+        what: String,
+        named: Vec<Digest>,
+    },
 }
 
 /// Most entries a recomputed write asks the upstream about: a refused write
