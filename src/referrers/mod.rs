@@ -376,7 +376,9 @@ impl Referrers {
 
     /// After the upstream answered a `DELETE` of `digest` (`accepted` when
     /// it deleted it): it no longer refers to anything, and the fallback
-    /// tags that listed it are rewritten.
+    /// tags that listed it are rewritten. An answer that is not a success
+    /// does not prove the manifest is still there, so a referrer's delete
+    /// is then settled by asking the upstream.
     pub async fn after_delete(
         &self,
         repo: &RepoName,
@@ -384,21 +386,65 @@ impl Referrers {
         accepted: bool,
         auth: Option<&HeaderValue>,
     ) -> Result<(), Error> {
-        let done = if accepted {
+        let gone = if accepted {
             crate::failpoint::hit("after-upstream-delete");
-            self.forget_deleted(repo, digest, auth).await
+            Ok(Some(true))
+        } else {
+            self.gone_despite_answer(repo, digest, auth).await
+        };
+        let gone = match gone {
+            Ok(gone) => gone,
+            Err(e) => {
+                self.push_unresolved(repo, digest);
+                return Err(e);
+            }
+        };
+        let done = match gone {
+            Some(true) => self.forget_deleted(repo, digest, auth).await,
+            _ => Ok(()),
+        };
+        // Undecided: the intent stays, for recovery to settle.
+        let cleared = if gone.is_some() {
+            let (r, d) = (repo.clone(), digest.clone());
+            self.index
+                .blocking(move |ix| ix.intents().remove_delete_intent(&r, &d))
+                .await
         } else {
             Ok(())
         };
-        let (r, d) = (repo.clone(), digest.clone());
-        let cleared = self
-            .index
-            .blocking(move |ix| ix.intents().remove_delete_intent(&r, &d))
-            .await;
         self.push_unresolved(repo, digest);
         done?;
         cleared?;
         Ok(())
+    }
+
+    /// Whether a referrer whose `DELETE` the upstream did not answer with
+    /// success is gone all the same: distribution deletes the manifest,
+    /// then answers 500 when untagging fails (a tag link being rewritten
+    /// concurrently). `Some(false)` when it is still there or not an
+    /// indexed referrer; `None` when the upstream cannot tell now.
+    async fn gone_despite_answer(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Option<bool>, Error> {
+        let (r, d) = (repo.clone(), digest.clone());
+        let indexed = self
+            .index
+            .blocking(move |ix| Ok(!ix.referrers().subjects_of(&r, &d)?.is_empty()))
+            .await?;
+        if !indexed {
+            return Ok(Some(false));
+        }
+        Ok(match self.head_manifest(repo, digest, auth).await {
+            Ok(StatusCode::NOT_FOUND) => {
+                tracing::info!(%repo, referrer = %digest, "the upstream failed a referrer delete but deleted it");
+                Some(true)
+            }
+            Ok(status) if status.is_success() => Some(false),
+            _ => None,
+        })
     }
 
     async fn forget_deleted(
