@@ -286,6 +286,13 @@ impl Push<'_> {
                 return Err(e);
             }
         };
+        if resp.status().is_server_error() {
+            // A registry may store a manifest and still answer 5xx (as
+            // distribution does for deletes): the outcome is unknown, so
+            // the intent stays and recovery asks the upstream.
+            referrers.push_unresolved(&name, &desc.digest);
+            return Ok(resp);
+        }
         let accepted = resp.status().is_success();
         if accepted {
             // A 1.1 upstream answers with OCI-Subject itself.
