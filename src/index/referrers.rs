@@ -92,6 +92,28 @@ impl ReferrerStore {
         Ok(prev.is_none())
     }
 
+    /// Like [`ReferrerStore::add`] for a referrer found present by an
+    /// upstream check made at `checked_at` (recovery's HEAD, ingestion's
+    /// fetch): a delete through graft stamped at or after that check wins,
+    /// so a check that raced a delete cannot bring the referrer back.
+    /// Returns whether it was new (never when the delete won).
+    pub fn add_unless_deleted_since(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        d: &Descriptor,
+        checked_at: u64,
+    ) -> Result<bool, IndexError> {
+        let deleted_at = self
+            .tombstones
+            .get(key(&[repo.as_str(), d.digest.as_str()]))?
+            .and_then(|v| super::stamp_of(&v));
+        if deleted_at.is_some_and(|at| at >= checked_at) {
+            return Ok(false);
+        }
+        self.add(repo, subject, d)
+    }
+
     /// Removes `digest` as a referrer of every subject in `repo` and
     /// remembers it was deleted. Returns the subjects it referred to.
     pub fn remove_referrer(
@@ -231,6 +253,33 @@ mod tests {
         assert!(r.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
         r.add(&a, &s1, &desc(1)).expect("re-add");
         assert!(!r.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
+    }
+
+    #[test]
+    fn a_delete_after_an_upstream_check_wins_over_what_the_check_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::Clock::skewable();
+        let ix = Index::open_with(dir.path(), clock.clone(), 1 << 20).expect("open");
+        let r = ix.referrers();
+        let a = RepoName::parse("a").expect("name");
+        let s = Digest::sha256_of(b"s");
+        r.add(&a, &s, &desc(1)).expect("add");
+        // Recovery checked (HEAD 200) at t, then a client deleted it at t.
+        let checked_at = clock.now_secs();
+        r.remove_referrer(&a, &desc(1).digest).expect("remove");
+        let new = r
+            .add_unless_deleted_since(&a, &s, &desc(1), checked_at)
+            .expect("add");
+        assert!(!new);
+        assert!(r.list(&a, &s).expect("list").is_empty());
+        assert!(r.is_tombstoned(&a, &desc(1).digest).expect("tomb"));
+        // A check made after the delete found it again (pushed anew).
+        clock.advance(std::time::Duration::from_secs(1));
+        let new = r
+            .add_unless_deleted_since(&a, &s, &desc(1), clock.now_secs())
+            .expect("add");
+        assert!(new);
+        assert_eq!(r.list(&a, &s).expect("list").len(), 1);
     }
 
     #[test]

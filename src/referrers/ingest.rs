@@ -85,6 +85,9 @@ impl Referrers {
         auth: Option<&HeaderValue>,
     ) -> Result<Ingested, Error> {
         let subject = holder.subject();
+        // Before the tombstone filter: a delete through graft while the
+        // entries are being checked stamps a later tombstone, which wins.
+        let checked_at = self.index.clock().now_secs();
         let unseen = self.unseen(repo, subject, index).await?;
         let mut findings = Findings::default();
         let mut undecided = Vec::new();
@@ -101,7 +104,9 @@ impl Referrers {
                 Verdict::Unknown => undecided.push(entry),
             }
         }
-        let added = self.record_findings(repo, subject, findings).await?;
+        let added = self
+            .record_findings(repo, subject, findings, checked_at)
+            .await?;
         let stats = ReindexStats {
             entries: index.len(),
             added,
@@ -146,12 +151,14 @@ impl Referrers {
     }
 
     /// Indexes the referrers found and remembers the rejections; returns
-    /// how many referrers were new.
+    /// how many referrers were new. Those deleted through graft since
+    /// `checked_at` (when the checks began) stay deleted.
     async fn record_findings(
         &self,
         repo: &RepoName,
         subject: Option<&Digest>,
         findings: Findings,
+        checked_at: u64,
     ) -> Result<usize, Error> {
         if findings.referrers.is_empty() && (findings.rejected.is_empty() || subject.is_none()) {
             return Ok(0);
@@ -163,7 +170,7 @@ impl Referrers {
                 let r = ix.referrers();
                 let mut added = 0;
                 for (found, d) in &findings.referrers {
-                    if r.add(&repo, found, d)? {
+                    if r.add_unless_deleted_since(&repo, found, d, checked_at)? {
                         added += 1;
                     }
                 }

@@ -306,7 +306,7 @@ impl Referrers {
     ) -> Result<(), Error> {
         let recorded = if accepted {
             crate::failpoint::hit("after-upstream-accept");
-            self.record(repo, subject, d).await
+            self.record(repo, subject, d, None).await
         } else {
             let (r, s, dg) = (repo.clone(), subject.clone(), d.digest.clone());
             self.index
@@ -324,7 +324,15 @@ impl Referrers {
 
     /// Indexes an accepted referrer: the owed tag write first, then the
     /// entry, then the intent is dropped — each step is safe to repeat.
-    async fn record(&self, repo: &RepoName, subject: &Digest, d: &Descriptor) -> Result<(), Error> {
+    /// `checked_at` is when recovery's upstream check found it present
+    /// (`None` for a push graft saw accepted): a delete since then wins.
+    async fn record(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        d: &Descriptor,
+        checked_at: Option<u64>,
+    ) -> Result<(), Error> {
         let owe = self.writes_tags();
         let (r, s, d) = (repo.clone(), subject.clone(), d.clone());
         self.index
@@ -332,7 +340,11 @@ impl Referrers {
                 if owe {
                     ix.intents().owe_tag_write(&r, &s)?;
                 }
-                ix.referrers().add(&r, &s, &d)?;
+                let refs = ix.referrers();
+                match checked_at {
+                    Some(at) => refs.add_unless_deleted_since(&r, &s, &d, at).map(drop)?,
+                    None => refs.add(&r, &s, &d).map(drop)?,
+                }
                 ix.intents().remove_intent(&r, &s, &d.digest)
             })
             .await?;

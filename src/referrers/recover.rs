@@ -47,10 +47,11 @@ impl Referrers {
             if self.is_in_flight(repo, &d.digest) {
                 continue;
             }
+            let checked_at = self.index.clock().now_secs();
             match self.head_manifest(repo, &d.digest, auth.as_ref()).await {
                 Ok(status) if status.is_success() => {
                     tracing::info!(%repo, %subject, referrer = %d.digest, "recovering a referrer the upstream accepted before a restart");
-                    self.record(repo, subject, d).await?;
+                    self.record(repo, subject, d, Some(checked_at)).await?;
                 }
                 Ok(StatusCode::NOT_FOUND) => {
                     let (r, s, dg) = (repo.clone(), subject.clone(), d.digest.clone());
