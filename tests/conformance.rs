@@ -594,3 +594,45 @@ async fn a_manifest_with_a_non_distributable_layer_gets_the_registry_s_own_answe
     );
     assert_eq!(through, up, "through graft vs the registry");
 }
+
+#[tokio::test]
+async fn a_manifest_past_the_size_limit_gets_413_size_invalid_and_nothing_reaches_the_registry() {
+    // end-7 allows 413 for a manifest too large to accept; graft buffers
+    // manifests (to index `subject`), so it sets the bound itself.
+    let registry = Registry::start();
+    let graft = Graft::start_with(&registry, |c| c.server.max_manifest_bytes = 4096);
+    let (direct, via) = (Api::for_registry(&registry), Api::for_graft(&graft));
+    let image = TestImage::build(1);
+    via.push_blob("big/app", image.config.data.clone()).await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": image.config.descriptor(),
+        "layers": [],
+        "annotations": {"padding": "x".repeat(8192)},
+    });
+    let body = Bytes::from(serde_json::to_vec(&manifest).expect("JSON"));
+    let resp = Api::send(
+        via.request(Method::PUT, "/v2/big/app/manifests/v1")
+            .header("content-type", OCI_MANIFEST)
+            .body(body),
+    )
+    .await;
+    let (status, _, json) = answer(resp).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let json: serde_json::Value = serde_json::from_slice(&json).expect("an OCI error body");
+    assert_eq!(json["errors"][0]["code"], "SIZE_INVALID");
+    // With the OCI type accepted: distribution 2.8 answers 404 to an OCI
+    // manifest asked for without it, stored or not.
+    let at_registry = Api::send(
+        direct
+            .get("/v2/big/app/manifests/v1")
+            .header("accept", OCI_MANIFEST),
+    )
+    .await;
+    assert_eq!(
+        at_registry.status(),
+        StatusCode::NOT_FOUND,
+        "nothing stored"
+    );
+}
