@@ -5,6 +5,10 @@
 //! replica's referrers API and the upstream fallback tag list exactly the
 //! referrer manifests the registry holds, on the next query after the
 //! writes stop (`referrers.tag_ttl = 0`).
+//!
+//! The old clients' read-modify-writes here do not overlap other writes:
+//! one that does may drop an entry only the replica that pushed it knows,
+//! and that replica restores it on its own next read of the tag.
 
 mod common;
 
@@ -105,13 +109,30 @@ async fn assert_converged(apis: &[Api], upstream: &Api, subject: &Subject, want:
     );
 }
 
-/// An old-style client, straight at the registry: pushes `manifest` and
-/// adds it to the fallback tag by read-modify-write.
-async fn old_client_attach(upstream: &Api, subject: &Subject, manifest: &Bytes) {
-    push_by_digest(upstream, "app", manifest).await;
+/// Stops `graft` and counts the fallback-tag writes its index still owes
+/// (an owed write is retried by recovery: one left over is a loop).
+fn owed_after_shutdown(mut graft: Graft) -> usize {
+    graft.begin_shutdown();
+    graft
+        .wait_stopped(Duration::from_secs(30))
+        .expect("graft stops cleanly");
+    let index = graft::index::Index::open(&graft.data_dir().join("index")).expect("index");
+    let owed = index.intents().owed_tag_writes().expect("owed writes");
+    owed.len()
+}
+
+async fn dropped_writes(api: &Api) -> u64 {
+    common::read_metric(api, "graft_referrers_tag_writes_dropped_total")
+        .await
+        .expect("graft exports graft_referrers_tag_writes_dropped_total")
+}
+
+/// An old-style client (through `via`: the registry itself, or a replica)
+/// pushes `manifest` and adds it to the fallback tag by read-modify-write.
+async fn old_client_attach(via: &Api, subject: &Subject, manifest: &Bytes) {
+    push_by_digest(via, "app", manifest).await;
     let resp = Api::send(
-        upstream
-            .get(&format!("/v2/app/manifests/{}", subject.fallback_tag()))
+        via.get(&format!("/v2/app/manifests/{}", subject.fallback_tag()))
             .header("accept", INDEX),
     )
     .await;
@@ -122,7 +143,7 @@ async fn old_client_attach(upstream: &Api, subject: &Subject, manifest: &Bytes) 
         Vec::new()
     };
     entries.push(expected_descriptor(manifest));
-    put_fallback_tag(upstream, "app", &subject.fallback_tag(), &entries).await;
+    put_fallback_tag(via, "app", &subject.fallback_tag(), &entries).await;
 }
 
 #[tokio::test]
@@ -151,6 +172,12 @@ async fn the_issue_sequence_attach_four_across_two_replicas_delete_one_via_each(
     let want = digests(&[&refs[2], &refs[3]]);
     assert_eq!(held(&upstream, &refs).await, want, "the premise");
     assert_converged(&apis, &upstream, &subject, &want).await;
+    for api in &apis {
+        assert_eq!(dropped_writes(api).await, 0, "no write was given up");
+    }
+    for g in grafts {
+        assert_eq!(owed_after_shutdown(g), 0, "nothing left to retry");
+    }
 }
 
 #[tokio::test]
@@ -187,9 +214,10 @@ async fn converge_under_mixed_writes(n: usize) {
     let old: Vec<Bytes> = (0..2)
         .map(|i| referrer(&subject, &format!("application/vnd.example.old{i}")))
         .collect();
-    for m in &old {
-        old_client_attach(&upstream, &subject, m).await;
-    }
+    // Old clients write the tag themselves: one straight at the registry,
+    // one through the last replica.
+    old_client_attach(&upstream, &subject, &old[0]).await;
+    old_client_attach(&apis[n - 1], &subject, &old[1]).await;
 
     // A second wave: pushes and deletes at once, spread across replicas.
     let second: Vec<Bytes> = (0..6)
@@ -212,4 +240,7 @@ async fn converge_under_mixed_writes(n: usize) {
     let want = held(&upstream, &everything).await;
     assert_eq!(want.len(), everything.len() - doomed.len(), "the premise");
     assert_converged(&apis, &upstream, &subject, &want).await;
+    for g in grafts {
+        assert_eq!(owed_after_shutdown(g), 0, "nothing left to retry");
+    }
 }

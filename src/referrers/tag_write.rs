@@ -197,7 +197,10 @@ impl Referrers {
         // Merging may have taken many requests; a write over a tag another
         // replica rewrote meanwhile would lose its entries.
         let merged_over = current.map(|t| t.digest);
-        if self.tag_now(repo, subject, auth).await? != merged_over {
+        let started = std::time::Instant::now();
+        // An unreadable tag (distribution answers 500 while another PUT of
+        // it is under way) cannot tell either: merge again.
+        if self.tag_now(repo, subject, auth).await.ok() != Some(merged_over) {
             return Ok(Round::Replaced);
         }
         let named: Vec<Digest> = entries.iter().map(|e| e.digest.clone()).collect();
@@ -211,8 +214,10 @@ impl Referrers {
             }
             written => written?,
         };
-        if self.tag_now(repo, subject, auth).await.ok().flatten() != Some(digest.to_string()) {
-            // Replaced (or unreadable, which cannot tell): merge again.
+        if !self
+            .stays_written(repo, subject, auth, &digest, started)
+            .await
+        {
             return Ok(Round::Replaced);
         }
         if complete {
@@ -222,6 +227,56 @@ impl Referrers {
         }
         self.index.flush().await?;
         Ok(Round::Settled(Attempt::Done))
+    }
+
+    /// Whether the tag the upstream holds is still the one just written
+    /// (`digest`): read back at once, and again after a pause twice as long
+    /// as this write's check-and-PUT took. A replica that checked the tag
+    /// just before this write landed may land its own merge (without this
+    /// write's entries) just after the first read-back; its check-to-PUT
+    /// gap is about as long as this one's, so the second read-back sees it.
+    /// An unreadable tag cannot tell, and counts as replaced.
+    async fn stays_written(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+        digest: &Digest,
+        started: std::time::Instant,
+    ) -> bool {
+        let ours = Some(digest.to_string());
+        if self.tag_now(repo, subject, auth).await.ok().flatten() != ours {
+            return false;
+        }
+        // Written and read back: no longer owed, even if the pause is cut
+        // short (a shutdown); owed again if the second read-back fails.
+        let owed = self.set_owed(repo, subject, false).await;
+        let pause = (started.elapsed() * 2).clamp(MIN_SETTLE, MAX_SETTLE);
+        tokio::time::sleep(pause).await;
+        if self.tag_now(repo, subject, auth).await.ok().flatten() == ours {
+            return true;
+        }
+        if owed.is_ok() {
+            // Best effort: when this fails too the replica's next read of
+            // the tag still repairs it.
+            let _ = self.set_owed(repo, subject, true).await;
+        }
+        false
+    }
+
+    /// Marks the write of the tag of `subject` owed, or done.
+    async fn set_owed(&self, repo: &RepoName, subject: &Digest, owed: bool) -> Result<(), Error> {
+        let (r, s) = (repo.clone(), subject.clone());
+        self.index
+            .blocking(move |ix| {
+                if owed {
+                    ix.intents().owe_tag_write(&r, &s)
+                } else {
+                    ix.intents().tag_write_done(&r, &s)
+                }
+            })
+            .await?;
+        Ok(())
     }
 
     /// The digest of the tag of `subject` the upstream holds now.
@@ -514,6 +569,12 @@ enum Round {
 /// Most rounds of merge-write-verify one write makes before it stays owed:
 /// replicas writing one tag at once settle in a few.
 const MAX_ROUNDS: usize = 4;
+
+/// Bounds of the pause before a write's second read-back: long enough for
+/// a concurrent replica's in-flight PUT on a busy machine, short enough
+/// not to weigh on the push that caused the write.
+const MIN_SETTLE: std::time::Duration = std::time::Duration::from_millis(25);
+const MAX_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most entries a recomputed write asks the upstream about: a refused write
 /// of a huge tag must not turn into thousands of requests.
