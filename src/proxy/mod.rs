@@ -346,6 +346,12 @@ fn register_tag_size_metrics(metrics: &Metrics, referrers: &Arc<Referrers>) {
         "Fallback-tag writes the registry refused even when recomputed from its current state; dropped, not retried.",
         move || r.upgrade().map_or(0, |r| r.tag_writes_dropped()),
     );
+    let r = Arc::downgrade(referrers);
+    metrics.register_counter_fn(
+        "graft_referrers_tag_writes_replaced",
+        "Fallback-tag writes another writer (a replica, an old client) replaced around graft's write; merged and written again.",
+        move || r.upgrade().map_or(0, |r| r.tag_writes_replaced()),
+    );
 }
 
 /// The cache's own counts, read at scrape time.

@@ -122,6 +122,33 @@ pub(super) async fn read(
     get_tag(r, &path, auth).await
 }
 
+/// The digest of the fallback tag of `subject` as the upstream holds it
+/// now (`None`: no tag), for verifying a write: a HEAD, and a GET only
+/// when the HEAD names no digest.
+pub(super) async fn tag_digest(
+    r: &Referrers,
+    repo: &RepoName,
+    subject: &Digest,
+    auth: Option<&HeaderValue>,
+) -> Result<Option<String>, Error> {
+    let denied = |d: Denial| Error::UpstreamRefused {
+        status: d.status,
+        what: format!("graft's check of the fallback tag of {subject} in {repo}"),
+    };
+    let (path, digest) = match head_tag(r, repo, subject, auth).await? {
+        Access::Denied(d) => return Err(denied(d)),
+        Access::Granted(None) => return Ok(None),
+        Access::Granted(Some(found)) => found,
+    };
+    if digest.is_some() {
+        return Ok(digest);
+    }
+    match get_tag(r, &path, auth).await? {
+        Access::Denied(d) => Err(denied(d)),
+        Access::Granted(t) => Ok(t.map(|t| t.digest)),
+    }
+}
+
 /// HEADs the fallback tag of `subject` (and its untruncated form, for long
 /// digests): the path and digest of the first that exists, if any.
 async fn head_tag(

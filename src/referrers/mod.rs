@@ -96,6 +96,9 @@ pub struct Referrers {
     /// Tag writes the registry refused even after recomputing them from
     /// its current state: dropped, not looped.
     tag_writes_dropped: std::sync::atomic::AtomicU64,
+    /// Tag writes found replaced by another writer's (a replica's, an old
+    /// client's) before or after the PUT, and merged again.
+    tag_writes_replaced: std::sync::atomic::AtomicU64,
 }
 
 /// Longer than any forward can take (a buffered manifest, bounded by
@@ -126,6 +129,12 @@ impl Referrers {
     /// (the second time recomputed), for `/metrics`.
     pub fn tag_writes_dropped(&self) -> u64 {
         self.tag_writes_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Fallback-tag writes merged again because another writer replaced
+    /// the tag around graft's write, for `/metrics`.
+    pub fn tag_writes_replaced(&self) -> u64 {
+        self.tag_writes_replaced.load(Ordering::Relaxed)
     }
 
     pub fn new(
@@ -160,6 +169,7 @@ impl Referrers {
             tag_size: tag_fit::TagSizeCounters::default(),
             unauthorized: tag_write::Unauthorized::default(),
             tag_writes_dropped: std::sync::atomic::AtomicU64::new(0),
+            tag_writes_replaced: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

@@ -57,9 +57,16 @@ impl Referrers {
                     .note(repo, self.upstream.has_own_credentials());
             }
         }
-        if let Err(e) = written {
-            tracing::warn!(%repo, %subject, error = %e, "fallback tag write failed; it stays owed");
-            return false;
+        match written {
+            Err(e) => {
+                tracing::warn!(%repo, %subject, error = %e, "fallback tag write failed; it stays owed");
+                return false;
+            }
+            Ok(Settled::Owed) => {
+                tracing::warn!(%repo, %subject, rounds = MAX_ROUNDS, "other writers kept replacing the fallback tag around graft's writes; it stays owed");
+                return false;
+            }
+            Ok(Settled::Yes) => {}
         }
         let (r, s) = (repo.clone(), subject.clone());
         let cleared = self
@@ -90,23 +97,25 @@ impl Referrers {
         repo: &RepoName,
         subject: &Digest,
         auth: Option<&HeaderValue>,
-    ) -> Result<(), Error> {
-        let Attempt::Refused {
-            status,
-            what,
-            named,
-        } = self.write_once(repo, subject, auth, false).await?
-        else {
-            return Ok(());
+    ) -> Result<Settled, Error> {
+        let (status, what, named) = match self.write_once(repo, subject, auth, false).await? {
+            Attempt::Refused {
+                status,
+                what,
+                named,
+            } => (status, what, named),
+            Attempt::Done => return Ok(Settled::Yes),
+            Attempt::Contended => return Ok(Settled::Owed),
         };
         tracing::info!(%repo, %subject, %status, %what, "the registry refused the fallback tag; recomputing it from the upstream's state");
-        let Attempt::Refused {
-            status,
-            what,
-            named: renamed,
-        } = self.write_once(repo, subject, auth, true).await?
-        else {
-            return Ok(());
+        let (status, what, renamed) = match self.write_once(repo, subject, auth, true).await? {
+            Attempt::Refused {
+                status,
+                what,
+                named,
+            } => (status, what, named),
+            Attempt::Done => return Ok(Settled::Yes),
+            Attempt::Contended => return Ok(Settled::Owed),
         };
         if renamed != named {
             // Not the same write refused twice: the referrers changed under
@@ -118,11 +127,14 @@ impl Referrers {
         }
         self.tag_writes_dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%repo, %subject, %status, %what, "the registry refused the recomputed fallback tag too; write dropped, not retried");
-        Ok(())
+        Ok(Settled::Yes)
     }
 
-    /// Reads the tag, merges, and writes it when it changed. With `verify`,
-    /// every entry to write is first checked with the upstream.
+    /// Merges and writes the tag until a write is verified: another
+    /// replica may read the same tag and write its own merge in between
+    /// (a registry has no compare-and-swap), so each write is read back and
+    /// merged again when it was replaced — at most [`MAX_ROUNDS`] times,
+    /// then the write stays owed (recovery, or the next change, carries on).
     async fn write_once(
         &self,
         repo: &RepoName,
@@ -130,6 +142,30 @@ impl Referrers {
         auth: Option<&HeaderValue>,
         verify: bool,
     ) -> Result<Attempt, Error> {
+        for round in 0..MAX_ROUNDS {
+            match self.write_round(repo, subject, auth, verify).await? {
+                Round::Replaced => {
+                    self.tag_writes_replaced.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%repo, %subject, round, "the fallback tag changed under graft's write; merging again");
+                }
+                Round::Settled(a) => return Ok(a),
+            }
+        }
+        Ok(Attempt::Contended)
+    }
+
+    /// One round: reads the tag, merges, and writes it when it changed
+    /// (with `verify`, every entry to write is first checked with the
+    /// upstream). Just before the write and just after it, the tag's digest
+    /// is checked: a tag that is not the one merged (before) or not the one
+    /// written (after) was replaced by another writer.
+    async fn write_round(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+        verify: bool,
+    ) -> Result<Round, Error> {
         let current = match self.read_fallback(repo, subject, auth, false).await? {
             Access::Denied(d) => {
                 return Err(Error::UpstreamRefused {
@@ -146,7 +182,7 @@ impl Referrers {
         let Some(entries) = self.fit_tag(repo, subject, entries) else {
             // Not attempted, and not owed: the same entries would not fit
             // on any retry (the next change to them tries again).
-            return Ok(Attempt::Done);
+            return Ok(Round::Settled(Attempt::Done));
         };
         let unchanged = current.as_ref().is_some_and(|t| {
             t.index.len() == entries.len() && entries.iter().all(|k| t.index.iter().any(|m| m == k))
@@ -154,40 +190,120 @@ impl Referrers {
         if unchanged {
             if let Some(t) = current.filter(|_| complete) {
                 // Judged and right as it is: queries may skip re-reading it.
-                let (r, s) = (repo.clone(), subject.clone());
-                self.index
-                    .blocking(move |ix| {
-                        ix.referrers().set_fallback_seen(&r, &s, &t.digest);
-                        Ok(())
-                    })
-                    .await?;
+                self.mark_seen(repo, subject, t.digest).await?;
             }
-            return Ok(Attempt::Done);
+            return Ok(Round::Settled(Attempt::Done));
+        }
+        // Merging may have taken many requests; a write over a tag another
+        // replica rewrote meanwhile would lose its entries.
+        let merged_over = current.map(|t| t.digest);
+        let started = std::time::Instant::now();
+        // An unreadable tag (distribution answers 500 while another PUT of
+        // it is under way) cannot tell either: merge again.
+        if self.tag_now(repo, subject, auth).await.ok() != Some(merged_over) {
+            return Ok(Round::Replaced);
         }
         let named: Vec<Digest> = entries.iter().map(|e| e.digest.clone()).collect();
         let digest = match self.put_tag(repo, subject, entries, auth).await {
             Err(Error::UpstreamRefused { status, what }) if is_hopeless(status) => {
-                return Ok(Attempt::Refused {
+                return Ok(Round::Settled(Attempt::Refused {
                     status,
                     what,
                     named,
-                })
+                }))
             }
             written => written?,
         };
+        if !self
+            .stays_written(repo, subject, auth, &digest, started)
+            .await
+        {
+            return Ok(Round::Replaced);
+        }
         if complete {
             // Otherwise the next query must read the tag again, to judge
             // what could not be judged now.
-            let (r, s) = (repo.clone(), subject.clone());
-            self.index
-                .blocking(move |ix| {
-                    ix.referrers().set_fallback_seen(&r, &s, digest.as_str());
-                    Ok(())
-                })
-                .await?;
+            self.mark_seen(repo, subject, digest.to_string()).await?;
         }
         self.index.flush().await?;
-        Ok(Attempt::Done)
+        Ok(Round::Settled(Attempt::Done))
+    }
+
+    /// Whether the tag the upstream holds is still the one just written
+    /// (`digest`): read back at once, and again after a pause twice as long
+    /// as this write's check-and-PUT took. A replica that checked the tag
+    /// just before this write landed may land its own merge (without this
+    /// write's entries) just after the first read-back; its check-to-PUT
+    /// gap is about as long as this one's, so the second read-back sees it.
+    /// An unreadable tag cannot tell, and counts as replaced.
+    async fn stays_written(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+        digest: &Digest,
+        started: std::time::Instant,
+    ) -> bool {
+        let ours = Some(digest.to_string());
+        if self.tag_now(repo, subject, auth).await.ok().flatten() != ours {
+            return false;
+        }
+        // Written and read back: no longer owed, even if the pause is cut
+        // short (a shutdown); owed again if the second read-back fails.
+        let owed = self.set_owed(repo, subject, false).await;
+        let pause = (started.elapsed() * 2).clamp(MIN_SETTLE, MAX_SETTLE);
+        tokio::time::sleep(pause).await;
+        if self.tag_now(repo, subject, auth).await.ok().flatten() == ours {
+            return true;
+        }
+        if owed.is_ok() {
+            // Best effort: when this fails too the replica's next read of
+            // the tag still repairs it.
+            let _ = self.set_owed(repo, subject, true).await;
+        }
+        false
+    }
+
+    /// Marks the write of the tag of `subject` owed, or done.
+    async fn set_owed(&self, repo: &RepoName, subject: &Digest, owed: bool) -> Result<(), Error> {
+        let (r, s) = (repo.clone(), subject.clone());
+        self.index
+            .blocking(move |ix| {
+                if owed {
+                    ix.intents().owe_tag_write(&r, &s)
+                } else {
+                    ix.intents().tag_write_done(&r, &s)
+                }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The digest of the tag of `subject` the upstream holds now.
+    async fn tag_now(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Option<String>, Error> {
+        fallback::tag_digest(self, repo, subject, auth).await
+    }
+
+    /// Records `digest` as the copy of the tag of `subject` graft judged.
+    async fn mark_seen(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        digest: String,
+    ) -> Result<(), Error> {
+        let (r, s) = (repo.clone(), subject.clone());
+        self.index
+            .blocking(move |ix| {
+                ix.referrers().set_fallback_seen(&r, &s, &digest);
+                Ok(())
+            })
+            .await?;
+        Ok(())
     }
 
     /// `entries` without the manifests the upstream says are gone (those
@@ -423,8 +539,10 @@ impl Referrers {
 
 /// How one attempt at a tag write ended, short of a transient error.
 enum Attempt {
-    /// Written, or nothing to write.
+    /// Written and read back, or nothing to write.
     Done,
+    /// Every round's write was replaced by another writer's: still owed.
+    Contended,
     /// The registry refused the bytes (a 4xx the same bytes would get
     /// again), which named these referrers.
     Refused {
@@ -433,6 +551,30 @@ enum Attempt {
         named: Vec<Digest>,
     },
 }
+
+/// Whether a write is settled (written, nothing to write, or dropped) or
+/// stays owed.
+enum Settled {
+    Yes,
+    Owed,
+}
+
+/// How one round of a write ended.
+enum Round {
+    Settled(Attempt),
+    /// The tag changed under the round: merge again.
+    Replaced,
+}
+
+/// Most rounds of merge-write-verify one write makes before it stays owed:
+/// replicas writing one tag at once settle in a few.
+const MAX_ROUNDS: usize = 4;
+
+/// Bounds of the pause before a write's second read-back: long enough for
+/// a concurrent replica's in-flight PUT on a busy machine, short enough
+/// not to weigh on the push that caused the write.
+const MIN_SETTLE: std::time::Duration = std::time::Duration::from_millis(25);
+const MAX_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most entries a recomputed write asks the upstream about: a refused write
 /// of a huge tag must not turn into thousands of requests.
@@ -448,7 +590,7 @@ fn is_hopeless(status: StatusCode) -> bool {
 }
 
 /// Whether a write failed because the upstream refused the credentials.
-fn is_refusal(written: &Result<(), Error>) -> bool {
+fn is_refusal(written: &Result<Settled, Error>) -> bool {
     matches!(written, Err(Error::UpstreamRefused { status, .. }) if crate::upstream::is_denial(*status))
 }
 
