@@ -96,6 +96,10 @@ pub struct Index {
     shared: Shared,
 }
 
+/// How long opening waits for sled's lock to be let go before the index
+/// counts as held by another process.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What every store needs besides its trees: the time its stamps come
 /// from, and the counter its best-effort failures go to.
 #[derive(Clone)]
@@ -184,20 +188,29 @@ impl Index {
     /// most `cache_bytes` of pages in memory (`index.cache_bytes`).
     pub fn open_with(dir: &Path, clock: Clock, cache_bytes: u64) -> Result<Index, IndexError> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::Storage(e.to_string()))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| {
-                if is_lock_conflict(&e) {
-                    IndexError::Locked {
+        // sled's flusher thread holds the directory's lock a moment after
+        // its last handle is dropped (a restart in the same process, a
+        // command run right after graft stopped): wait that out, briefly,
+        // before calling the index held by someone else.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_bytes)
+                .open();
+            match opened {
+                Err(e) if is_lock_conflict(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) if is_lock_conflict(&e) => {
+                    return Err(IndexError::Locked {
                         path: dir.display().to_string(),
                         reason: e.to_string(),
-                    }
-                } else {
-                    IndexError::from(e)
+                    })
                 }
-            })?;
+                other => break other?,
+            }
+        };
         Index::on(db, clock)
     }
 
