@@ -5,6 +5,7 @@
 //! upstream cannot hold a client (and its connection slot) forever.
 
 use http::{Request, Response};
+use hyper::body::Incoming;
 
 use super::{Outcome, Proxy};
 use crate::body::{self, Body};
@@ -20,6 +21,17 @@ pub(crate) async fn forward(
     let up_req = proxy.upstream.forward_request(req, client)?;
     let (resp, took) = proxy.upstream.send(up_req).await?;
     outcome.upstream = Some(took);
+    relay(proxy, resp, client)
+}
+
+/// The upstream's answer, passed to the client as it came: its URLs
+/// pointed back at graft, its body failing if the upstream goes silent for
+/// `upstream.body_timeout` (as a fill would).
+pub(crate) fn relay(
+    proxy: &Proxy,
+    resp: Response<Incoming>,
+    client: &ClientSide,
+) -> Result<Response<Body>, Error> {
     let (mut parts, incoming) = resp.into_parts();
     proxy
         .upstream

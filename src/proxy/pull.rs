@@ -130,7 +130,7 @@ async fn fetch(
                     // redirect…): the client gets the upstream's answer as
                     // is; dropping the miss lets followers ask for themselves.
                     drop(miss);
-                    return as_is(proxy, resp, client);
+                    return passthrough::relay(proxy, resp, client);
                 }
                 proxy.access.remember_yes(&name, auth);
                 match miss.fill(resp, proxy.upstream.body_timeout()).await {
@@ -138,29 +138,13 @@ async fn fetch(
                     Err(unfilled) => {
                         let (error, resp) = unfilled.into_parts();
                         tracing::warn!(%digest, %error, "the cache cannot take this content; streaming it uncached");
-                        return as_is(proxy, resp, client);
+                        return passthrough::relay(proxy, resp, client);
                     }
                 }
             }
         };
         return Ok(streamed(kind, &digest, streaming));
     }
-}
-
-/// The upstream's answer, passed to the client as it came, its body
-/// failing if the upstream goes silent for `upstream.body_timeout` (as a
-/// fill would).
-fn as_is(
-    proxy: &Proxy,
-    resp: Response<Incoming>,
-    client: &ClientSide,
-) -> Result<Response<Body>, Error> {
-    let (mut parts, incoming) = resp.into_parts();
-    proxy
-        .upstream
-        .rewrite_response_headers(&mut parts.headers, client)?;
-    let body = body::IdleTimeout::new(incoming, proxy.upstream.body_timeout());
-    Ok(Response::from_parts(parts, body::boxed(body)))
 }
 
 fn streamed(kind: Kind, digest: &Digest, streaming: Streaming) -> Response<Body> {

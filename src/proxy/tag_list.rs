@@ -116,7 +116,7 @@ pub(crate) async fn handle(
     outcome.upstream = Some(started.elapsed());
     let tags = match listing? {
         Ok(tags) => tags,
-        Err(refusal) => return as_is(proxy, refusal, client),
+        Err(refusal) => return passthrough::relay(proxy, refusal, client),
     };
     let (tags, more) = page.cut(&tags);
     let json = serde_json::to_vec(&Answer {
@@ -224,21 +224,6 @@ fn next_target(link: &str) -> Option<&str> {
         p == "rel=\"next\"" || p == "rel=next"
     });
     next.then_some(target)
-}
-
-/// The upstream's answer, passed to the client as it came.
-fn as_is(
-    proxy: &Proxy,
-    resp: Response<Incoming>,
-    client: &ClientSide,
-) -> Result<Response<Body>, Error> {
-    let (mut parts, incoming) = resp.into_parts();
-    proxy
-        .upstream
-        .rewrite_response_headers(&mut parts.headers, client)?;
-    // As for every upstream body graft passes on: silence ends it.
-    let body = body::IdleTimeout::new(incoming, proxy.upstream.body_timeout());
-    Ok(Response::from_parts(parts, body::boxed(body)))
 }
 
 #[cfg(test)]
