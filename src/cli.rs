@@ -35,6 +35,12 @@ pub enum Command {
     Referrers(ReferrersArgs),
     /// Inspect and maintain the content cache, or fill it ahead of pulls.
     Cache(CacheArgs),
+    /// Check a registry before putting graft in front of it: reachability,
+    /// TLS, auth, catalog, push and DELETE rights, the referrers API, index
+    /// validation, tag pagination and round-trip time. Exits 0 when graft
+    /// can serve it fully, 1 when something graft needs fails, 2 for usage
+    /// errors or an unreachable registry.
+    Doctor(DoctorArgs),
 }
 
 /// A password from the command line or the environment: `Debug` (and so
@@ -346,6 +352,60 @@ pub struct ReferrersArgs {
     pub artifact_types: Vec<String>,
     #[command(flatten)]
     pub client: GraftClientArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// Docker config.json whose `auths.<upstream host>.auth` is the account
+    /// to check when --upstream-username is not given
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, env = "GRAFT_DOCKER_CONFIG", value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Connect and response timeout for each request, e.g. 10s.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub timeout: String,
+}
+
+impl DoctorArgs {
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        self.common.load(|_| {})
+    }
+
+    /// The account to check: upstream.username/password, else the docker
+    /// config.json entry for the upstream's host, else none.
+    pub fn authorization(&self, config: &Config) -> Result<Option<http::HeaderValue>, String> {
+        if let Some(own) = config.upstream.own_authorization() {
+            return Ok(Some(own));
+        }
+        let (path, explicit) = match &self.docker_config {
+            Some(p) => (p.clone(), true),
+            None => match default_docker_config() {
+                Some(p) => (p, false),
+                None => return Ok(None),
+            },
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(_) if !explicit => return Ok(None),
+            Err(e) => return Err(format!("--docker-config {}: {e}", path.display())),
+        };
+        let host = config
+            .upstream
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        match docker_auth(&text, &host).map_err(|e| format!("{}: {e}", path.display()))? {
+            Some((user, password)) => basic(&user, Some(&password)).map(Some),
+            None => Ok(None),
+        }
+    }
 }
 
 impl ReindexArgs {

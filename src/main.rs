@@ -6,7 +6,9 @@ mod progress;
 use std::process::ExitCode;
 
 use clap::Parser;
-use graft::cli::{CacheCommand, CacheWarmArgs, Cli, Command, ReferrersArgs, ReindexArgs};
+use graft::cli::{
+    CacheCommand, CacheWarmArgs, Cli, Command, DoctorArgs, ReferrersArgs, ReindexArgs,
+};
 use graft::config::{Config, ConfigErrors, LogFormat};
 use progress::{Bar, Lines};
 use tracing_subscriber::fmt::MakeWriter;
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Reindex(args) => reindex(&args),
         Command::Referrers(args) => referrers(&args),
         Command::Cache(args) => cache(args.command),
+        Command::Doctor(args) => doctor(&args),
         Command::Healthcheck { url } => match healthcheck(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -129,6 +132,47 @@ fn referrers(args: &ReferrersArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `graft doctor`: exit 0 when graft can serve the registry fully, 1 when
+/// something graft needs fails, 2 for usage errors or no answer at all.
+fn doctor(args: &DoctorArgs) -> ExitCode {
+    use graft::admin::doctor;
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let fail = |e: String| {
+        eprintln!("graft doctor: {e}");
+        ExitCode::from(2)
+    };
+    let auth = match args.authorization(&config) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let timeout = match humantime::parse_duration(&args.timeout) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("--timeout `{}`: {e}", args.timeout)),
+    };
+    let opts = doctor::DoctorOptions {
+        upstream: config.upstream.url.clone(),
+        auth,
+        ca_file: config.upstream.ca_file.clone(),
+        timeout,
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let report = runtime.block_on(doctor::run(&opts));
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    ExitCode::from(report.exit_code())
 }
 
 /// `graft cache stats|gc|verify|warm`. Exit codes: 0 when the command did

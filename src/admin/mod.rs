@@ -4,13 +4,15 @@
 //! a running graft's referrers API answers, as a list or a tree,
 //! [`cache`] (`graft cache stats|gc|verify`) inspects and maintains the
 //! content cache of a stopped graft's data directory, and [`warm`]
-//! (`graft cache warm`) pre-pulls images through a running graft.
+//! (`graft cache warm`) pre-pulls images through a running graft;
+//! [`doctor`] (`graft doctor`) checks a registry before graft fronts it.
 //!
 //! `reindex` and `listing` walk paginated registry answers (catalog, tags,
 //! referrers); [`Pages`] is the one way they follow `Link: <…>; rel="next"`. The commands
 //! report progress through [`Progress`]; drawing it is the binary's business.
 
 pub mod cache;
+pub mod doctor;
 pub mod listing;
 mod progress;
 pub mod reindex;

@@ -33,6 +33,9 @@ pub struct RegistryOptions {
     /// Require Bearer tokens from a token service (`auth: token`), e.g.
     /// [`super::token::TokenService::registry_auth`].
     pub token_auth: Option<TokenAuth>,
+    /// Turn manifest and blob `DELETE` off (`storage.delete.enabled: false`,
+    /// distribution's default): DELETE answers 405 UNSUPPORTED.
+    pub delete_disabled: bool,
 }
 
 /// The registry's `auth: token` section.
@@ -63,6 +66,11 @@ impl RegistryOptions {
         self.token_auth = Some(auth);
         self
     }
+
+    pub fn delete_disabled(mut self) -> Self {
+        self.delete_disabled = true;
+        self
+    }
 }
 
 /// One line of the registry's access log (Apache combined format).
@@ -85,6 +93,7 @@ pub struct Registry {
     tls: Option<TestCa>,
     basic_auth: Option<(String, String)>,
     token_auth: Option<TokenAuth>,
+    delete_disabled: bool,
     child: Option<Child>,
 }
 
@@ -117,6 +126,7 @@ impl Registry {
             tls,
             basic_auth: options.basic_auth,
             token_auth: options.token_auth,
+            delete_disabled: options.delete_disabled,
             child: None,
         };
         for _ in 0..PORT_ATTEMPTS {
@@ -301,10 +311,11 @@ impl Registry {
         let mut yaml = format!(
             "version: 0.1\n\
              log:\n  level: warn\n\
-             storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: {delete}\n\
              http:\n  addr: 127.0.0.1:{port}\n  secret: graft-test-secret\n",
             root = root.display(),
             port = self.port,
+            delete = !self.delete_disabled,
         );
         if let Some(ca) = &self.tls {
             yaml.push_str(&format!(
