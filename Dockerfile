@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Build: docker build -t graft .
+# Build: docker build --build-arg GRAFT_COMMIT=$(git rev-parse --short HEAD) -t graft .
 # Run:   docker run -p 5001:5001 -v graft-data:/var/lib/graft graft serve --upstream https://registry.internal
 
 FROM rust:1-bookworm AS build
@@ -13,6 +13,9 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && echo 'fn main() {}' > benches/hot_paths.rs \
     && cargo build --release --locked && rm -rf src benches
+# The commit `graft --version` names (build.rs; no .git is copied in).
+ARG GRAFT_COMMIT=unknown
+COPY build.rs ./
 COPY src ./src
 COPY benches ./benches
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin graft

@@ -7,10 +7,15 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigErrors, Overrides};
 
+/// `graft --version`: the crate version and the build's git commit
+/// (build.rs: `GRAFT_COMMIT`, else `git rev-parse --short HEAD`, else
+/// "unknown").
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GRAFT_COMMIT"), ")");
+
 /// A caching reverse proxy that gives OCI Distribution 1.0 registries the
 /// OCI 1.1 referrers API and serves as an edge cache for CI runners.
 #[derive(Parser, Debug)]
-#[command(name = "graft", version, about, long_about = None)]
+#[command(name = "graft", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,6 +46,71 @@ pub enum Command {
     /// can serve it fully, 1 when something graft needs fails, 2 for usage
     /// errors or an unreachable registry.
     Doctor(DoctorArgs),
+    /// Print a shell completion script: `source <(graft completions bash)`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `graft man > graft.1; man ./graft.1`.
+    Man,
+}
+
+impl Cli {
+    /// Writes the completion script for `shell` to `out`.
+    pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "graft", out);
+    }
+
+    /// Writes the man page, with a section for each subcommand, to `out`.
+    pub fn man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let command = <Cli as clap::CommandFactory>::command();
+        clap_mangen::Man::new(command.clone()).render(out)?;
+        // The top page lists the subcommands; their options follow, each
+        // under its own heading, so `man graft` is the whole reference.
+        man_sections(&command, "graft", out)
+    }
+}
+
+/// A `.SH "GRAFT <SUB>"` section with the options of each subcommand of
+/// `parent`, and of theirs (`graft cache warm`).
+fn man_sections(
+    parent: &clap::Command,
+    prefix: &str,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    for sub in parent.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("{prefix} {}", sub.get_name());
+        writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+        if let Some(about) = sub.get_about() {
+            writeln!(out, "{}", roff_text(&about.to_string()))?;
+        }
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub.clone()).render_options_section(&mut page)?;
+        // Only the option list: the string-definition preamble is already
+        // at the top of the page, and the heading is the one above.
+        let text = String::from_utf8_lossy(&page);
+        for line in text.lines() {
+            let preamble = line.starts_with(".ie \\n(.g") || line.starts_with(".el .ds Aq");
+            if !preamble && line != ".SH OPTIONS" {
+                writeln!(out, "{line}")?;
+            }
+        }
+        man_sections(sub, &name, out)?;
+    }
+    Ok(())
+}
+
+/// `text` safe as a roff text line: hyphens and backslashes escaped, and a
+/// leading `.` or `'` kept from being read as a request.
+fn roff_text(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
 }
 
 /// A password from the command line or the environment: `Debug` (and so

@@ -39,6 +39,17 @@ fn main() -> ExitCode {
         Command::Referrers(args) => referrers(&args),
         Command::Cache(args) => cache(args.command),
         Command::Doctor(args) => doctor(&args),
+        Command::Completions { shell } => {
+            Cli::completions(shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => match Cli::man(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("graft man: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Healthcheck { url } => match healthcheck(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
