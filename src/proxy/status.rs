@@ -97,10 +97,10 @@ fn bytes(n: u64) -> String {
 
 /// One figure: a label, and the value with its metric and raw number.
 fn figure(out: &mut String, id: &str, label: &str, series: &str, raw: u64, shown: &str) {
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<div class=\"figure\"><span class=\"label\">{}</span>\
-         <span class=\"value\" id=\"{}\" data-metric=\"{}\" data-value=\"{raw}\">{}</span></div>\n",
+         <span class=\"value\" id=\"{}\" data-metric=\"{}\" data-value=\"{raw}\">{}</span></div>",
         escape(label),
         escape(id),
         escape(series),
@@ -175,12 +175,12 @@ fn upstreams(out: &mut String, s: &Snapshot) {
             ),
             None => ("not probed yet".into(), "muted", 0, "–".into(), "–".into()),
         };
-        let _ = write!(
+        let _ = writeln!(
             out,
             "<tr><td><code>{}</code></td>\
              <td id=\"upstream-health\" class=\"{class}\" data-metric=\"graft_upstream_up\" data-value=\"{up}\">{}</td>\
              <td id=\"upstream-rtt\">{}</td><td>{}</td>\
-             <td id=\"upstream-referrers-api\" data-value=\"{}\">{} <span class=\"muted\">(referrers.mode = {})</span></td></tr>\n",
+             <td id=\"upstream-referrers-api\" data-value=\"{}\">{} <span class=\"muted\">(referrers.mode = {})</span></td></tr>",
             escape(&u.origin),
             escape(&health),
             escape(&rtt),
@@ -203,10 +203,10 @@ fn cache(out: &mut String, s: &Snapshot) {
         .hit_ratio
         .map_or("–".to_string(), |r| format!("{:.1} %", r * 100.0));
     let ratio_raw = c.hit_ratio.map_or(String::new(), |r| format!("{r:.4}"));
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<div class=\"figures\"><div class=\"figure\"><span class=\"label\">hit ratio</span>\
-         <span class=\"value\" id=\"cache-hit-ratio\" data-value=\"{}\">{}</span></div>\n",
+         <span class=\"value\" id=\"cache-hit-ratio\" data-value=\"{}\">{}</span></div>",
         escape(&ratio_raw),
         escape(&ratio),
     );
@@ -317,9 +317,9 @@ fn errors(out: &mut String, s: &Snapshot) {
         out.push_str("<tr><td colspan=\"6\" class=\"muted\">none since graft started</td></tr>\n");
     }
     for e in &s.recent_errors {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<tr class=\"error\"><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr class=\"error\"><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&e.time),
             escape(&e.request_id),
             escape(e.route),
