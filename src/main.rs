@@ -6,7 +6,9 @@ mod progress;
 use std::process::ExitCode;
 
 use clap::Parser;
-use graft::cli::{CacheCommand, CacheWarmArgs, Cli, Command, ReferrersArgs, ReindexArgs};
+use graft::cli::{
+    CacheCommand, CacheWarmArgs, Cli, Command, MigrateArgs, ReferrersArgs, ReindexArgs,
+};
 use graft::config::{Config, ConfigErrors, LogFormat};
 use progress::{Bar, Lines};
 use tracing_subscriber::fmt::MakeWriter;
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Reindex(args) => reindex(&args),
         Command::Referrers(args) => referrers(&args),
         Command::Cache(args) => cache(args.command),
+        Command::Migrate(args) => migrate(&args),
         Command::Healthcheck { url } => match healthcheck(&url) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -86,6 +89,55 @@ fn reindex(args: &ReindexArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("graft reindex: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `graft migrate`: exit 0 when every fallback-tag referrer is listed by
+/// the registry's own referrers API, 1 when something is left (failed, or
+/// a dry run found work), 2 for bad arguments.
+fn migrate(args: &MigrateArgs) -> ExitCode {
+    use graft::admin::migrate;
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut repos = Vec::with_capacity(args.repos.len());
+    for r in &args.repos {
+        match graft::oci::RepoName::parse(r) {
+            Ok(r) => repos.push(r),
+            Err(e) => {
+                eprintln!("graft migrate: --repo {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let opts = migrate::MigrateOptions {
+        repos,
+        dry_run: args.dry_run,
+        remove_fallback_tags: args.remove_fallback_tags,
+    };
+    let bar = Bar::new();
+    let above = bar.clone();
+    init_logging(config.log.format, move || AboveBar(above.clone()));
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(migrate::run(&config, &opts, &bar)) {
+        Ok(summary) => {
+            println!("{summary}");
+            if summary.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("graft migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,9 @@
 //! a running graft's referrers API answers, as a list or a tree,
 //! [`cache`] (`graft cache stats|gc|verify`) inspects and maintains the
 //! content cache of a stopped graft's data directory, and [`warm`]
-//! (`graft cache warm`) pre-pulls images through a running graft.
+//! (`graft cache warm`) pre-pulls images through a running graft, and
+//! [`migrate`] (`graft migrate`) re-pushes fallback-tag referrers to a
+//! registry that gained the referrers API, so its own index is complete.
 //!
 //! `reindex` and `listing` walk paginated registry answers (catalog, tags,
 //! referrers); [`Pages`] is the one way they follow `Link: <…>; rel="next"`. The commands
@@ -12,6 +14,7 @@
 
 pub mod cache;
 pub mod listing;
+pub mod migrate;
 mod progress;
 pub mod reindex;
 pub mod warm;
