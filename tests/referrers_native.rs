@@ -313,3 +313,25 @@ async fn while_the_native_upstream_is_down_a_known_client_gets_the_last_answer()
     let resp = referrers(&api, "app", &subject.digest, "").await;
     assert_eq!(digests_of(&referrer_list(resp).await), all);
 }
+
+#[tokio::test]
+async fn graft_pages_the_union_and_the_next_page_continues_it() {
+    let s = setup_with(|c| c.referrers.page_size = 2);
+    let api = Api::for_graft(&s.graft);
+    let (subject, sig, sbom, new) = legacy_then_upgrade(&s, &api).await;
+
+    let first = referrers(&api, "app", &subject.digest, "").await;
+    let link = header_str(first.headers(), "link").expect("a next link");
+    let next = link
+        .strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+        .map(|(url, _)| url.to_owned())
+        .expect("<url>");
+    let mut listed = referrer_list(first).await;
+    assert_eq!(listed.len(), 2);
+    let second = Api::send(api.get(&next)).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(header_str(second.headers(), "link"), None, "the last page");
+    listed.extend(referrer_list(second).await);
+    assert_eq!(digests_of(&listed), digests(&[&sig, &sbom, &new]));
+}
