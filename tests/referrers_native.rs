@@ -15,7 +15,7 @@ use common::artifacts::{
     referrers, Subject,
 };
 use common::native_layer::{NativeLayer, MARK};
-use common::{header_str, sha256_digest, Api, Graft, Registry};
+use common::{header_str, sha256_digest, Api, Graft, Registry, RegistryOptions};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -34,7 +34,10 @@ fn setup() -> Setup {
 }
 
 fn setup_with(configure: impl FnOnce(&mut graft::Config)) -> Setup {
-    let registry = Registry::start();
+    setup_on(Registry::start(), configure)
+}
+
+fn setup_on(registry: Registry, configure: impl FnOnce(&mut graft::Config)) -> Setup {
     let layer = NativeLayer::start(&registry.url());
     let graft = Graft::start_for_upstream(&layer.url(), |c| {
         c.referrers.tag_ttl = Duration::ZERO;
@@ -334,4 +337,23 @@ async fn graft_pages_the_union_and_the_next_page_continues_it() {
     assert_eq!(header_str(second.headers(), "link"), None, "the last page");
     listed.extend(referrer_list(second).await);
     assert_eq!(digests_of(&listed), digests(&[&sig, &sbom, &new]));
+}
+
+#[tokio::test]
+async fn the_upstreams_no_reaches_the_client_unchanged_and_nothing_is_added() {
+    let registry = Registry::start_with(RegistryOptions::default().basic_auth("alice", "secret"));
+    let s = setup_on(registry, |_| {});
+    let api = Api::for_graft(&s.graft).with_basic_auth("alice", "secret");
+    let (subject, _, _, _) = legacy_then_upgrade(&s, &api).await;
+    let path = format!("/v2/app/referrers/{}", subject.digest);
+
+    for stranger in [
+        Api::for_graft(&s.graft),
+        Api::for_graft(&s.graft).with_basic_auth("mallory", "guess"),
+    ] {
+        let resp = Api::send(stranger.get(&path)).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(header_str(resp.headers(), "www-authenticate").is_some());
+        assert_eq!(header_str(resp.headers(), "graft-referrers-source"), None);
+    }
 }
