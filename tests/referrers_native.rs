@@ -15,7 +15,7 @@ use common::artifacts::{
     referrers, Subject,
 };
 use common::native_layer::{NativeLayer, MARK};
-use common::{header_str, sha256_digest, Api, Graft, Registry};
+use common::{header_str, sha256_digest, Api, Graft, Registry, RegistryOptions};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -34,7 +34,10 @@ fn setup() -> Setup {
 }
 
 fn setup_with(configure: impl FnOnce(&mut graft::Config)) -> Setup {
-    let registry = Registry::start();
+    setup_on(Registry::start(), configure)
+}
+
+fn setup_on(registry: Registry, configure: impl FnOnce(&mut graft::Config)) -> Setup {
     let layer = NativeLayer::start(&registry.url());
     let graft = Graft::start_for_upstream(&layer.url(), |c| {
         c.referrers.tag_ttl = Duration::ZERO;
@@ -312,4 +315,45 @@ async fn while_the_native_upstream_is_down_a_known_client_gets_the_last_answer()
     s.layer.set_down(false);
     let resp = referrers(&api, "app", &subject.digest, "").await;
     assert_eq!(digests_of(&referrer_list(resp).await), all);
+}
+
+#[tokio::test]
+async fn graft_pages_the_union_and_the_next_page_continues_it() {
+    let s = setup_with(|c| c.referrers.page_size = 2);
+    let api = Api::for_graft(&s.graft);
+    let (subject, sig, sbom, new) = legacy_then_upgrade(&s, &api).await;
+
+    let first = referrers(&api, "app", &subject.digest, "").await;
+    let link = header_str(first.headers(), "link").expect("a next link");
+    let next = link
+        .strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+        .map(|(url, _)| url.to_owned())
+        .expect("<url>");
+    let mut listed = referrer_list(first).await;
+    assert_eq!(listed.len(), 2);
+    let second = Api::send(api.get(&next)).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(header_str(second.headers(), "link"), None, "the last page");
+    listed.extend(referrer_list(second).await);
+    assert_eq!(digests_of(&listed), digests(&[&sig, &sbom, &new]));
+}
+
+#[tokio::test]
+async fn the_upstreams_no_reaches_the_client_unchanged_and_nothing_is_added() {
+    let registry = Registry::start_with(RegistryOptions::default().basic_auth("alice", "secret"));
+    let s = setup_on(registry, |_| {});
+    let api = Api::for_graft(&s.graft).with_basic_auth("alice", "secret");
+    let (subject, _, _, _) = legacy_then_upgrade(&s, &api).await;
+    let path = format!("/v2/app/referrers/{}", subject.digest);
+
+    for stranger in [
+        Api::for_graft(&s.graft),
+        Api::for_graft(&s.graft).with_basic_auth("mallory", "guess"),
+    ] {
+        let resp = Api::send(stranger.get(&path)).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(header_str(resp.headers(), "www-authenticate").is_some());
+        assert_eq!(header_str(resp.headers(), "graft-referrers-source"), None);
+    }
 }

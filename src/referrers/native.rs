@@ -142,21 +142,30 @@ impl Referrers {
             );
             missing.truncate(MAX_CONFIRMS);
         }
-        let confirmed: Vec<Descriptor> = stream::iter(missing)
+        let judged: Vec<(Descriptor, Presence)> = stream::iter(missing)
             .map(|d| async move {
-                match self.presence(repo, &d.digest, auth).await {
-                    Presence::Present => Some(d),
-                    Presence::Gone => None,
-                    Presence::Unknown => {
-                        tracing::warn!(%repo, referrer = %d.digest, "the upstream could not confirm a known referrer; left out");
-                        None
-                    }
-                }
+                let p = self.presence(repo, &d.digest, auth).await;
+                (d, p)
             })
             .buffer_unordered(CONFIRM_CONCURRENCY)
-            .filter_map(|d| async move { d })
             .collect()
             .await;
+        let mut confirmed = Vec::new();
+        let mut gone = Vec::new();
+        for (d, p) in judged {
+            match p {
+                Presence::Present => confirmed.push(d),
+                // Deleted at the registry: out of the index (with a
+                // tombstone), so it is not asked about on every query.
+                Presence::Gone => gone.push(d.digest),
+                Presence::Unknown => {
+                    tracing::warn!(%repo, referrer = %d.digest, "the upstream could not confirm a known referrer; left out");
+                }
+            }
+        }
+        if !gone.is_empty() {
+            self.forget_gone(repo, gone, None).await?;
+        }
         let added = confirmed.len();
         entries.extend(confirmed);
         entries.sort_by(|a, b| a.digest.as_str().cmp(b.digest.as_str()));

@@ -174,6 +174,22 @@ async fn handle(
     let n = segments.len();
     let native = state.native.load(Ordering::SeqCst);
     if native && req.method() == hyper::Method::GET && n >= 3 && segments[n - 2] == "referrers" {
+        // The registry decides who may read: its answer to the same
+        // credentials on `/v2/` stands for the referrers endpoint's.
+        let mut check = client.get(format!("{upstream}/v2/"));
+        if let Some(a) = req.headers().get("authorization") {
+            check = check.header("authorization", a);
+        }
+        if let Ok(r) = check.send().await {
+            if r.status() == StatusCode::UNAUTHORIZED {
+                let mut out = Response::builder().status(StatusCode::UNAUTHORIZED);
+                if let Some(c) = r.headers().get("www-authenticate") {
+                    out = out.header("www-authenticate", c);
+                }
+                let body = r.bytes().await.unwrap_or_default();
+                return Ok(out.body(Full::new(body)).expect("401"));
+            }
+        }
         let repo = segments[..n - 2].join("/");
         let list: Vec<Value> = {
             let map = state.referrers.lock().expect("referrers");
