@@ -40,6 +40,10 @@ pub enum Command {
     Referrers(ReferrersArgs),
     /// Inspect and maintain the content cache, or fill it ahead of pulls.
     Cache(CacheArgs),
+    /// After the registry gained the referrers API: re-push every fallback
+    /// tag's referrers unchanged so its own API lists them (exit 1 when
+    /// anything is left).
+    Migrate(MigrateArgs),
     /// Check a registry before putting graft in front of it: reachability,
     /// TLS, auth, catalog, push and DELETE rights, the referrers API, index
     /// validation, tag pagination and round-trip time. Exits 0 when graft
@@ -475,6 +479,28 @@ impl DoctorArgs {
             Some((user, password)) => basic(&user, Some(&password)).map(Some),
             None => Ok(None),
         }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub common: ConfigArgs,
+    /// A repository to walk (repeatable). Without it, every repository the
+    /// upstream's /v2/_catalog lists.
+    #[arg(long = "repo", value_name = "NAME")]
+    pub repos: Vec<String>,
+    /// Only read (GET and HEAD): report what would be migrated.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Delete each fallback tag once all its entries are listed natively.
+    #[arg(long)]
+    pub remove_fallback_tags: bool,
+}
+
+impl MigrateArgs {
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        self.common.load(|_| {})
     }
 }
 

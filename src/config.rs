@@ -83,6 +83,9 @@ pub struct IndexConfig {
     pub rejected: TreeBounds,
     /// Digest of each fallback tag last read.
     pub fallback_seen: TreeBounds,
+    /// Last referrers answer of a native upstream per (repository,
+    /// subject, filter), for offline answers; at least `referrers.max_stale`.
+    pub native_answers: TreeBounds,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +281,9 @@ pub struct ReferrersConfig {
     /// from the largest entries first, and a tag whose bare descriptors do
     /// not fit is not written.
     pub max_tag_bytes: usize,
+    /// How long the last answer of a native upstream's referrers API may
+    /// stand in while it is unreachable (clients with a remembered yes).
+    pub max_stale: Duration,
 }
 
 const DAY: u64 = 86_400;
@@ -342,6 +348,7 @@ impl Default for Config {
                 page_size: 1000,
                 recent_checks_capacity: 10_000,
                 max_tag_bytes: 4 * 1024 * 1024,
+                max_stale: Duration::from_secs(24 * 3600),
             },
             cache: CacheConfig {
                 enabled: true,
@@ -365,6 +372,7 @@ impl Default for Config {
                 tombstones: bounds(30 * DAY, 100_000),
                 rejected: bounds(7 * DAY, 100_000),
                 fallback_seen: bounds(7 * DAY, 100_000),
+                native_answers: bounds(7 * DAY, 10_000),
             },
             clock: Clock::system(),
         }
@@ -639,6 +647,18 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("index.fallback_seen_max_entries", |c, v| {
         c.index.fallback_seen.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("index.native_answers_max_age", |c, v| {
+        c.index.native_answers.max_age = parse_duration_value(v)?;
+        Ok(())
+    }),
+    ("index.native_answers_max_entries", |c, v| {
+        c.index.native_answers.max_entries = parse_size_value(v)?;
+        Ok(())
+    }),
+    ("referrers.max_stale", |c, v| {
+        c.referrers.max_stale = parse_duration_value(v)?;
         Ok(())
     }),
     ("cache.enabled", |c, v| {

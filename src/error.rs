@@ -161,7 +161,7 @@ impl Error {
     /// What the client is told. Its own mistakes are described to it; the
     /// upstream's and graft's troubles get a fixed sentence, the details
     /// staying in the log line that carries the same request id.
-    fn public_message(&self) -> String {
+    pub(crate) fn public_message(&self) -> String {
         match self {
             Error::UpstreamUnreachable(_) => "upstream registry unreachable".into(),
             Error::UpstreamTimeout(d) => format!("upstream registry did not answer within {d:?}"),
@@ -212,7 +212,17 @@ impl Error {
             Blame::Client => serde_json::Value::Null,
             Blame::Upstream | Blame::Internal => serde_json::json!({ "request_id": request_id }),
         };
-        let mut resp = oci_error(status, code, &self.public_message(), detail);
+        let message = self.public_message();
+        let mut resp = oci_error(status, code, &message, detail);
+        // For the status page's last errors (recorded by the access-log
+        // layer, which knows the route): only what the client was told.
+        resp.extensions_mut().insert(crate::status::ErrorNote {
+            status: status.as_u16(),
+            code: code.as_str(),
+            message,
+            request_id: request_id.clone(),
+            blame: self.blame(),
+        });
         if let Error::UpstreamThrottled {
             retry_after: Some(v),
             ..

@@ -29,6 +29,8 @@
 //! - [`request_id`]: the id of the request being handled, for errors and
 //!   logs.
 //! - [`metrics`]: Prometheus text at `/metrics`.
+//! - [`status`]: what the status page (`/`, `/-/status.json`) shows, read
+//!   back from the metrics, and the last probe and errors it keeps.
 //! - [`failpoint`]: crash points for the kill tests (feature `failpoints`).
 //! - [`upstream`]: the pooled client to the registry, header hygiene and URL
 //!   rewriting.
@@ -57,6 +59,7 @@ pub(crate) mod referrers;
 pub(crate) mod request_id;
 pub(crate) mod route;
 pub(crate) mod server;
+pub(crate) mod status;
 pub(crate) mod token;
 pub(crate) mod upstream;
 

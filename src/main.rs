@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use graft::cli::{
-    CacheCommand, CacheWarmArgs, Cli, Command, DoctorArgs, ReferrersArgs, ReindexArgs,
+    CacheCommand, CacheWarmArgs, Cli, Command, DoctorArgs, MigrateArgs, ReferrersArgs, ReindexArgs,
 };
 use graft::config::{Config, ConfigErrors, LogFormat};
 use progress::{Bar, Lines};
@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Reindex(args) => reindex(&args),
         Command::Referrers(args) => referrers(&args),
         Command::Cache(args) => cache(args.command),
+        Command::Migrate(args) => migrate(&args),
         Command::Doctor(args) => doctor(&args),
         Command::Completions { shell } => {
             Cli::completions(shell, &mut std::io::stdout());
@@ -100,6 +101,55 @@ fn reindex(args: &ReindexArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("graft reindex: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `graft migrate`: exit 0 when every fallback-tag referrer is listed by
+/// the registry's own referrers API, 1 when something is left (failed, or
+/// a dry run found work), 2 for bad arguments.
+fn migrate(args: &MigrateArgs) -> ExitCode {
+    use graft::admin::migrate;
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut repos = Vec::with_capacity(args.repos.len());
+    for r in &args.repos {
+        match graft::oci::RepoName::parse(r) {
+            Ok(r) => repos.push(r),
+            Err(e) => {
+                eprintln!("graft migrate: --repo {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let opts = migrate::MigrateOptions {
+        repos,
+        dry_run: args.dry_run,
+        remove_fallback_tags: args.remove_fallback_tags,
+    };
+    let bar = Bar::new();
+    let above = bar.clone();
+    init_logging(config.log.format, move || AboveBar(above.clone()));
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(migrate::run(&config, &opts, &bar)) {
+        Ok(summary) => {
+            println!("{summary}");
+            if summary.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("graft migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -56,6 +56,10 @@ pub(crate) enum Route {
     OtherV2,
     /// Outside `/v2/` and not one of graft's own endpoints.
     NotFound,
+    /// `/`: the status page (HTML).
+    Status,
+    /// `/-/status.json`: the status page's data.
+    StatusJson,
 }
 
 impl Route {
@@ -74,6 +78,7 @@ impl Route {
             Route::Referrers { .. } => "referrers",
             Route::OtherV2 => "other",
             Route::NotFound => "not_found",
+            Route::Status | Route::StatusJson => "status",
         }
     }
 
@@ -88,6 +93,8 @@ impl Route {
             "/metrics" => return Ok(Route::Metrics),
             "/v2" | "/v2/" => return Ok(Route::Base),
             "/v2/_catalog" => return Ok(Route::Catalog),
+            "/" => return Ok(Route::Status),
+            "/-/status.json" => return Ok(Route::StatusJson),
             _ => {}
         }
         let Some(rest) = path.strip_prefix("/v2/") else {
@@ -245,6 +252,8 @@ mod tests {
             );
         }
         assert_eq!(parse("/elsewhere").expect("ok"), Route::NotFound);
+        assert_eq!(parse("/").expect("ok"), Route::Status);
+        assert_eq!(parse("/-/status.json").expect("ok"), Route::StatusJson);
     }
 
     #[test]

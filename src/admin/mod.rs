@@ -5,6 +5,8 @@
 //! [`cache`] (`graft cache stats|gc|verify`) inspects and maintains the
 //! content cache of a stopped graft's data directory, and [`warm`]
 //! (`graft cache warm`) pre-pulls images through a running graft;
+//! [`migrate`] (`graft migrate`) re-pushes fallback-tag referrers to a
+//! registry that gained the referrers API, so its own index is complete;
 //! [`doctor`] (`graft doctor`) checks a registry before graft fronts it.
 //!
 //! `reindex` and `listing` walk paginated registry answers (catalog, tags,
@@ -14,6 +16,7 @@
 pub mod cache;
 pub mod doctor;
 pub mod listing;
+pub mod migrate;
 mod progress;
 pub mod reindex;
 pub mod warm;

@@ -199,7 +199,7 @@ async fn walk(
 }
 
 /// Every repository in the upstream's catalog.
-async fn catalog(
+pub(super) async fn catalog(
     upstream: &Upstream,
     auth: Option<&HeaderValue>,
 ) -> Result<Vec<RepoName>, ReindexError> {
@@ -222,7 +222,7 @@ async fn catalog(
 }
 
 /// The tags of `repo`; `None` when the upstream does not know it.
-async fn tags(
+pub(super) async fn tags(
     upstream: &Upstream,
     repo: &RepoName,
     auth: Option<&HeaderValue>,

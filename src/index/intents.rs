@@ -130,6 +130,13 @@ impl IntentStore {
         Ok(())
     }
 
+    /// (pending push and delete intents, owed tag writes), for the status
+    /// page.
+    pub fn counts(&self) -> Result<(u64, u64), IndexError> {
+        let pending = self.intents.len() + self.delete_intents.len();
+        Ok((pending as u64, self.tag_writes.len() as u64))
+    }
+
     pub fn owed_tag_writes(&self) -> Result<Vec<(RepoName, Digest)>, IndexError> {
         pairs(&self.tag_writes, "tag_writes")
     }

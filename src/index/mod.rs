@@ -14,7 +14,9 @@
 //! - [`PresentStore`] (`present.rs`): which repositories the upstream
 //!   confirmed hold a digest;
 //! - [`AccessStore`] (`access.rs`): when the upstream last said yes to a
-//!   client's credentials (as an HMAC, never the credentials).
+//!   client's credentials (as an HMAC, never the credentials);
+//! - [`NativeAnswerStore`] (`native_answers.rs`): the last referrers answer
+//!   of an upstream with its own referrers API, for answers while it is down.
 //!
 //! Keys are parts joined by NUL (names and digests never contain NUL), so a
 //! subject's referrers are one prefix scan. Trees that grow with traffic
@@ -33,6 +35,7 @@
 mod access;
 mod cache_entries;
 mod intents;
+mod native_answers;
 mod present;
 mod prune;
 mod referrers;
@@ -46,6 +49,7 @@ use std::sync::Arc;
 pub use access::AccessStore;
 pub use cache_entries::{CacheEntries, CacheEntry};
 pub use intents::{Intent, IntentStore};
+pub use native_answers::{NativeAnswer, NativeAnswerStore};
 pub use present::PresentStore;
 // The server part spawns it from `lib.rs` (merged separately).
 pub use crate::config::TreeBounds;
@@ -93,6 +97,7 @@ pub struct Index {
     tags: TagStore,
     present: PresentStore,
     access: AccessStore,
+    native_answers: NativeAnswerStore,
     shared: Shared,
 }
 
@@ -263,6 +268,7 @@ impl Index {
             tags: TagStore::open(&db, shared.clone())?,
             present: PresentStore::open(&db, shared.clone())?,
             access: AccessStore::open(&db, shared.clone())?,
+            native_answers: NativeAnswerStore::open(&db, shared.clone())?,
             shared,
             db,
         })
@@ -286,6 +292,10 @@ impl Index {
 
     pub fn present(&self) -> &PresentStore {
         &self.present
+    }
+
+    pub fn native_answers(&self) -> &NativeAnswerStore {
+        &self.native_answers
     }
 
     pub fn access(&self) -> &AccessStore {

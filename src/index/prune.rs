@@ -1,5 +1,5 @@
 //! Background pruning of the trees that grow with traffic: `present`,
-//! `access`, `tags`, `tombstones`, `rejected`, `fallback_seen`. Each has a
+//! `access`, `tags`, `tombstones`, `rejected`, `fallback_seen`, `native_answers`. Each has a
 //! maximum age (judged by the stamp in its values) and a maximum count
 //! (beyond it the oldest go first). Owed work (intents, owed tag writes)
 //! and the referrers themselves are never pruned.
@@ -26,6 +26,7 @@ pub struct PruneBounds {
     pub tombstones: TreeBounds,
     pub rejected: TreeBounds,
     pub fallback_seen: TreeBounds,
+    pub native_answers: TreeBounds,
 }
 
 /// What pruning one tree did.
@@ -103,6 +104,7 @@ impl PruneBounds {
             tombstones: at_least(ix.tombstones, ref_floor),
             rejected: at_least(ix.rejected, ref_floor),
             fallback_seen: ix.fallback_seen,
+            native_answers: at_least(ix.native_answers, config.referrers.max_stale),
         }
     }
 
@@ -120,6 +122,7 @@ impl PruneBounds {
             tombstones: b,
             rejected: b,
             fallback_seen: b,
+            native_answers: b,
         }
     }
 }
@@ -130,7 +133,7 @@ impl Index {
     /// others are still pruned.
     pub fn prune(&self, bounds: &PruneBounds, now_secs: u64) -> PruneReport {
         let r = self.referrers();
-        let trees: [(&'static str, &sled::Tree, TreeBounds, Stamp); 6] = [
+        let trees: [(&'static str, &sled::Tree, TreeBounds, Stamp); 7] = [
             ("present", self.present().tree(), bounds.present, stamp_of),
             ("access", self.access().tree(), bounds.access, stamp_of),
             ("tags", self.tags().tree(), bounds.tags, tags::checked_of),
@@ -145,6 +148,12 @@ impl Index {
                 "fallback_seen",
                 r.fallback_seen_tree(),
                 bounds.fallback_seen,
+                stamp_of,
+            ),
+            (
+                "native_answers",
+                self.native_answers().tree(),
+                bounds.native_answers,
                 stamp_of,
             ),
         ];

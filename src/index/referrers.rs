@@ -48,6 +48,26 @@ impl ReferrerStore {
         &self.fallback_seen
     }
 
+    /// (subjects with referrers, referrers) indexed: one pass over the
+    /// keys, which are sorted, so a subject's entries are adjacent. For the
+    /// status page, which counts at most every few seconds.
+    pub fn counts(&self) -> Result<(u64, u64), IndexError> {
+        let (mut subjects, mut referrers) = (0, 0);
+        let mut last: Option<Vec<u8>> = None;
+        for k in self.referrers.iter().keys() {
+            let k = k?;
+            // repo ∅ subject ∅ referrer: the subject's prefix ends at the
+            // last separator.
+            let cut = k.iter().rposition(|b| *b == 0).unwrap_or(k.len());
+            referrers += 1;
+            if last.as_deref() != Some(&k[..cut]) {
+                subjects += 1;
+                last = Some(k[..cut].to_vec());
+            }
+        }
+        Ok((subjects, referrers))
+    }
+
     /// The referrers of `subject` in `repo`, ordered by digest.
     pub fn list(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Descriptor>, IndexError> {
         self.referrers

@@ -9,6 +9,7 @@ mod passthrough;
 mod pull;
 mod referrers;
 pub(crate) mod serve;
+mod status;
 mod tag_list;
 mod upload;
 
@@ -40,6 +41,9 @@ pub struct Proxy {
     pub(crate) cache: Option<Arc<ContentCache>>,
     pub(crate) access: Arc<AccessCache>,
     pub(crate) metrics: Arc<Metrics>,
+    /// What the status page keeps beside the metrics (last probe, last
+    /// errors, index counts).
+    pub(crate) board: Arc<crate::status::Board>,
 }
 
 /// What the access log learns from a handled request, carried to the
@@ -131,8 +135,17 @@ impl Proxy {
         );
         if let Some(cache) = &cache {
             register_cache_metrics(&metrics, cache);
+            let budget = config.cache.max_bytes;
+            metrics.register_gauge_fn(
+                "graft_cache_max_bytes",
+                "The cache's byte budget (cache.max_bytes).",
+                move || budget,
+            );
         }
+        let board = Arc::new(crate::status::Board::default());
+        board.register_metrics(&metrics);
         Ok(Proxy {
+            board,
             access,
             config: Arc::new(config),
             upstream,
@@ -161,6 +174,10 @@ impl Proxy {
 
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub(crate) fn board(&self) -> &Arc<crate::status::Board> {
+        &self.board
     }
 
     /// Handles one request; never fails: errors become OCI error responses.
@@ -217,7 +234,13 @@ impl Proxy {
                 crate::failpoint::panic_if("panic-on-not-found");
                 Err(Error::NotFound)
             }
-            Route::Metrics => Ok(self.render_metrics()),
+            Route::Metrics => {
+                // The index counts are gauges too; a scrape sees fresh ones.
+                self.board.recount(self.referrers.index()).await;
+                Ok(self.render_metrics())
+            }
+            Route::Status => Ok(status::page(self, req.method().clone()).await),
+            Route::StatusJson => Ok(status::json(self, req.method().clone()).await),
             Route::Blob { name, digest } => match req.method().clone() {
                 Method::GET | Method::HEAD => {
                     let (n, d) = (name.clone(), digest.clone());

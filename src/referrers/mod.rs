@@ -13,11 +13,13 @@
 //! tags, `ingest.rs` learns from them, `reconcile.rs` asks the upstream
 //! about what a changed tag and the index disagree on, `tag_write.rs`
 //! writes them, `writer.rs` serializes the writes, `recover.rs` finishes
-//! what a crash interrupted. Index work runs on the blocking pool, a batch
+//! what a crash interrupted, `native.rs` answers with the union when the
+//! upstream serves the referrers API itself. Index work runs on the blocking pool, a batch
 //! at a time.
 
 pub(crate) mod fallback;
 mod ingest;
+mod native;
 mod reconcile;
 mod recover;
 mod tag_fit;

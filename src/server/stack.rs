@@ -85,6 +85,7 @@ pub(crate) fn build(proxy: Arc<Proxy>, stats: Arc<ServerStats>, cfg: &ServerConf
         // catch (shed and panicked requests are logged too).
         .layer(AccessLogLayer {
             metrics: proxy.metrics().clone(),
+            board: proxy.board().clone(),
         })
         // Sheds at once rather than queueing: a queue would only hide
         // overload from clients that retry anyway. A request counts until
@@ -204,6 +205,10 @@ fn sane_id(v: &HeaderValue) -> Option<String> {
 #[derive(Clone)]
 struct AccessLogLayer {
     metrics: Arc<Metrics>,
+    /// Where graft's own error answers are noted for the status page: this
+    /// layer alone sees them all (shed and panicked requests too) with
+    /// their route.
+    board: Arc<crate::status::Board>,
 }
 
 impl<S> Layer<S> for AccessLogLayer {
@@ -213,6 +218,7 @@ impl<S> Layer<S> for AccessLogLayer {
         AccessLog {
             inner,
             metrics: self.metrics.clone(),
+            board: self.board.clone(),
         }
     }
 }
@@ -221,6 +227,7 @@ impl<S> Layer<S> for AccessLogLayer {
 struct AccessLog<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    board: Arc<crate::status::Board>,
 }
 
 // The inner future is named (not `S::Future: Send`): through the boxed
@@ -248,6 +255,7 @@ where
         let req = req.map(|b| body::boxed(Counted::new(b, bytes_in.clone())));
         let answer = self.inner.call(req);
         let metrics = self.metrics.clone();
+        let board = self.board.clone();
         Box::pin(async move {
             let resp = answer.await?;
             let status = resp.status().as_u16();
@@ -257,6 +265,9 @@ where
             let route = handled.map_or_else(|| route_kind(&path), |h| h.route);
             let upstream = handled.and_then(|h| h.upstream);
             metrics.request(route, status);
+            if let Some(note) = resp.extensions().get::<crate::status::ErrorNote>() {
+                board.record_error(route, note);
+            }
             Ok(resp.map(move |b| {
                 OnDone::new(b, move |bytes_out, complete| {
                     tracing::info!(

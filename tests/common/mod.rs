@@ -12,6 +12,9 @@
 //! - [`image`]: test images (config + tar layers) and OCI image layouts.
 //! - [`fake`]: a raw TCP "upstream" that records requests and answers with
 //!   canned bytes, or never answers (timeouts, header hygiene).
+//! - [`native_layer`]: an HTTP layer in front of a real registry that adds
+//!   the referrers API for manifests pushed after it is switched on (a
+//!   registry that gained the API by upgrade).
 //! - [`token`]: a Docker token service issuing ES256 JWTs (with an `x5c`
 //!   chain to a test CA) for a registry started with `auth: token`.
 //!
@@ -29,6 +32,7 @@ pub mod artifacts;
 pub mod fake;
 pub mod graft;
 pub mod image;
+pub mod native_layer;
 pub mod registry;
 pub mod shim;
 pub mod token;
