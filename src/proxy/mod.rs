@@ -40,6 +40,9 @@ pub struct Proxy {
     pub(crate) cache: Option<Arc<ContentCache>>,
     pub(crate) access: Arc<AccessCache>,
     pub(crate) metrics: Arc<Metrics>,
+    /// With `[[upstream]]` entries: the other upstreams' instances and how
+    /// requests are routed to them (this one is the default).
+    pub(crate) mirror: Option<crate::mirror::Router>,
 }
 
 /// What the access log learns from a handled request, carried to the
@@ -60,8 +63,18 @@ pub(crate) struct Outcome {
 }
 
 impl Proxy {
-    /// Opens the index under the data directory and connects the upstream.
+    /// Opens the index under the data directory and connects the upstream;
+    /// with `[[upstream]]` entries, one instance each (`crate::mirror`).
     pub fn new(config: Config) -> Result<Proxy, Error> {
+        if config.upstreams.is_empty() {
+            Proxy::single(config)
+        } else {
+            crate::mirror::build(config)
+        }
+    }
+
+    /// The instance for one upstream.
+    pub(crate) fn single(config: Config) -> Result<Proxy, Error> {
         let upstream = Upstream::new(&config.upstream)?;
         let keys = CredentialKeys::load_or_create(&config.storage.data_dir).map_err(|e| {
             Error::Startup(format!(
@@ -139,7 +152,14 @@ impl Proxy {
             referrers,
             cache,
             metrics,
+            mirror: None,
         })
+    }
+
+    /// This instance and, in mirror mode, every other upstream's.
+    pub(crate) fn instances(&self) -> Vec<&Proxy> {
+        let others = self.mirror.iter().flat_map(|m| m.others());
+        std::iter::once(self).chain(others.map(|p| &**p)).collect()
     }
 
     fn render_metrics(&self) -> Response<Body> {
@@ -167,6 +187,19 @@ impl Proxy {
     /// The response carries a `Handled` extension for the access log,
     /// which the server's layers write when the body is done.
     pub async fn handle(
+        &self,
+        req: Request<Body>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> Response<Body> {
+        match &self.mirror {
+            Some(router) => router.handle(self, req, peer, scheme).await,
+            None => self.handle_here(req, peer, scheme).await,
+        }
+    }
+
+    /// Handles a request for this instance's own upstream.
+    pub(crate) async fn handle_here(
         &self,
         req: Request<Body>,
         peer: SocketAddr,
