@@ -499,14 +499,14 @@ async fn containerd_pulls_through_hosts_toml_mirrors() {
         .await;
     let graft = mirror(&[("a.test", &a, &[]), ("b.test", &b, &[])], |_| {});
     let hosts = tempfile::tempdir().expect("hosts dir");
-    // The plain mirror entry: containerd names the registry with `?ns=`
-    // (1.7+), or not at all (1.6: then the default upstream answers).
-    hosts_toml(hosts.path(), "a.test", &graft.url(), "");
-    // The path-prefix form, for any containerd version.
+    // The plain mirror entry for b.test, which is not the default: only
+    // containerd's `?ns=b.test` can route it.
+    hosts_toml(hosts.path(), "b.test", &graft.url(), "");
+    // The path-prefix form (containerd adds `ns` there too).
     hosts_toml(
         hosts.path(),
-        "b.test",
-        &format!("{}/v2/b.test", graft.url()),
+        "a.test",
+        &format!("{}/v2/a.test", graft.url()),
         "  override_path = true\n",
     );
     let fetched = tokio::task::spawn_blocking({

@@ -146,7 +146,17 @@ impl Router {
         let host = request_host(&req);
         let picked = match &ns {
             Some(ns) => match self.by_name(ns) {
-                Some(i) => Some((i, Form::Ns(ns.clone()), path.clone())),
+                // A hosts.toml mirror with the prefix in its path
+                // (`override_path`) gets `ns` from containerd too.
+                Some(i) => {
+                    let inner = match rest.split_once('/') {
+                        Some((first, tail)) if first.eq_ignore_ascii_case(ns) => {
+                            format!("/v2/{tail}")
+                        }
+                        _ => path.clone(),
+                    };
+                    Some((i, Form::Ns(ns.clone()), inner))
+                }
                 // Isolation before availability: an image of a registry
                 // graft does not mirror is never looked up on another one
                 // (containerd then falls back to the next host).
