@@ -293,7 +293,7 @@ impl Upstream {
     /// afterwards; it is the caller's to forward or read.
     pub async fn send(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
         let own = req.headers().get(header::AUTHORIZATION).cloned();
         if own.is_some() && self.tokens.has_credentials() && self.tokens.is_own(own.as_ref()) {
@@ -302,6 +302,15 @@ impl Upstream {
             // with graft's token, as for graft's own requests.
             return self.send_as_graft(req, own).await;
         }
+        self.send_plain(req).await
+    }
+
+    /// [`Upstream::send`] without the mirror-mode token exchange: what
+    /// [`Upstream::call`] uses, which answers challenges itself.
+    async fn send_plain(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
         req.headers_mut()
             .insert(header::HOST, self.authority.clone());
         let started = Instant::now();
@@ -342,7 +351,10 @@ impl Upstream {
                     .map_err(|e| UpstreamError::Request(e.to_string()))?;
                 let probe = self.request(probe).await?;
                 match Challenge::find(probe.headers()) {
-                    Some(c) => {
+                    // `/v2/`'s challenge names no scope: ask for this
+                    // request's, so the token is good for it.
+                    Some(mut c) => {
+                        c.scope = c.scope.or_else(|| guess.clone());
                         self.token_for_request(&c, own.as_ref(), guess.clone())
                             .await
                     }
@@ -460,7 +472,7 @@ impl Upstream {
         let req = req
             .body(body::full(body))
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        Ok(self.send(req).await?.0)
+        Ok(self.send_plain(req).await?.0)
     }
 
     /// A GET of an absolute URL (a redirect target, possibly on another

@@ -120,6 +120,25 @@ async fn each_routing_form_reaches_its_own_upstream_and_names_never_mix() {
     assert_eq!(on_b, ["only-b", "v1"]);
     assert_eq!(on_a, ["v1"]);
 
+    // Each upstream's counts, labelled.
+    let metrics = Api::send(api.get("/metrics"))
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    for name in ["a.test", "b.test"] {
+        let label = format!("graft_cache_misses_total{{upstream=\"{name}\"}}");
+        assert!(metrics.contains(&label), "{label} missing:\n{metrics}");
+    }
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("# TYPE graft_cache_misses"))
+            .count(),
+        1,
+        "one family, written once:\n{metrics}"
+    );
+
     // Each upstream keeps its index, cache and keys in its own directory.
     for name in ["a.test", "b.test"] {
         let dir = graft.data_dir().join("upstreams").join(name);

@@ -18,6 +18,7 @@
 
 mod access;
 mod config;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,6 +130,9 @@ impl Router {
             // `/v2/`, health, metrics: graft's own, answered by the default
             // upstream (`/v2/` behind its door: clients learn there
             // whether to authenticate).
+            if path == "/metrics" {
+                return self.render_metrics(default);
+            }
             let base = path == "/v2/" || path == "/v2";
             let gate = &self.routes[self.default_index()].access;
             if base {
@@ -199,6 +203,24 @@ impl Router {
                 resp.headers_mut().insert(OCI_NAMESPACE, v);
             }
         }
+        resp
+    }
+
+    /// Every instance's metrics, labelled with its upstream.
+    fn render_metrics(&self, default: &Proxy) -> Response<Body> {
+        let parts: Vec<(&str, String)> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let p = r.instance.as_deref().unwrap_or(default);
+                (r.name.as_str(), p.metrics().render())
+            })
+            .collect();
+        let mut resp = Response::new(crate::body::full(metrics::merge(&parts)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        );
         resp
     }
 
