@@ -14,7 +14,8 @@
 //! default upstream. It strips what it routed on before the instance sees
 //! the request and puts it back into `Location` and `Link` in the answer,
 //! so a client stays on the routing form it started with. `/v2/`,
-//! `/healthz`, `/readyz` and `/metrics` are the default instance's.
+//! `/healthz` and `/readyz` are the default instance's; `/metrics` merges
+//! every instance's, labelled by upstream (`metrics.rs`).
 
 mod access;
 mod config;
