@@ -20,6 +20,9 @@ pub struct Config {
     pub referrers: ReferrersConfig,
     pub cache: CacheConfig,
     pub index: IndexConfig,
+    /// `[[upstream]]` entries (mirror mode, `crate::mirror`): empty when the
+    /// file has the single `[upstream]` table, which then is the only one.
+    pub upstreams: Vec<crate::mirror::NamedUpstream>,
     /// Not a key: the time source for everything that expires. Tests give a
     /// [`Clock::skewable`] one to test expiry without sleeping.
     pub clock: Clock,
@@ -374,6 +377,7 @@ impl Default for Config {
                 fallback_seen: bounds(7 * DAY, 100_000),
                 native_answers: bounds(7 * DAY, 10_000),
             },
+            upstreams: Vec::new(),
             clock: Clock::system(),
         }
     }
@@ -751,6 +755,9 @@ impl Config {
             }
         };
         for (section, value) in &table {
+            if section == "upstream" && value.is_array() {
+                continue; // `[[upstream]]`: read below, on top of every other section
+            }
             let Some(inner) = value.as_table() else {
                 errors.push(format!("{origin}: `{section}` is not a known section"));
                 continue;
@@ -760,9 +767,12 @@ impl Config {
                 self.apply_one(&full, v, origin, errors);
             }
         }
+        if let Some(entries) = table.get("upstream").and_then(toml::Value::as_array) {
+            crate::mirror::read_entries(self, entries, origin, errors);
+        }
     }
 
-    fn apply_one(
+    pub(crate) fn apply_one(
         &mut self,
         key: &str,
         value: &toml::Value,
@@ -781,23 +791,8 @@ impl Config {
 
     /// Checks that cut across keys.
     fn validate(&self, errors: &mut Vec<String>) {
-        let shown = without_userinfo(&self.upstream.url);
-        match self.upstream.url.split_once("://") {
-            Some(("http" | "https", rest)) if !rest.is_empty() => {
-                if rest.contains('/') {
-                    errors.push(format!(
-                        "`upstream.url`: `{shown}` must be an origin (scheme://host[:port]) without a path"
-                    ));
-                } else if rest.parse::<http::uri::Authority>().is_err() {
-                    errors.push(format!(
-                        "`upstream.url`: `{shown}` is not a valid host[:port]"
-                    ));
-                }
-            }
-            _ => errors.push(format!(
-                "`upstream.url`: `{shown}` must start with http:// or https://"
-            )),
-        }
+        validate_upstream_url("upstream.url", &self.upstream.url, errors);
+        crate::mirror::validate_entries(&self.upstreams, errors);
         match (&self.server.tls_cert, &self.server.tls_key) {
             (Some(_), None) | (None, Some(_)) => {
                 errors.push("`server.tls_cert` and `server.tls_key` must be set together".into())
@@ -844,6 +839,25 @@ impl Config {
         if self.server.max_manifest_bytes == 0 {
             errors.push("`server.max_manifest_bytes`: must be at least 1".into());
         }
+    }
+}
+
+/// `key` (an upstream's URL) must be `http(s)://host[:port]`.
+pub(crate) fn validate_upstream_url(key: &str, url: &str, errors: &mut Vec<String>) {
+    let shown = without_userinfo(url);
+    match url.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() => {
+            if rest.contains('/') {
+                errors.push(format!(
+                    "`{key}`: `{shown}` must be an origin (scheme://host[:port]) without a path"
+                ));
+            } else if rest.parse::<http::uri::Authority>().is_err() {
+                errors.push(format!("`{key}`: `{shown}` is not a valid host[:port]"));
+            }
+        }
+        _ => errors.push(format!(
+            "`{key}`: `{shown}` must start with http:// or https://"
+        )),
     }
 }
 

@@ -31,6 +31,8 @@
 //! - [`metrics`]: Prometheus text at `/metrics`.
 //! - [`status`]: what the status page (`/`, `/-/status.json`) shows, read
 //!   back from the metrics, and the last probe and errors it keeps.
+//! - [`mirror`]: several upstreams (`[[upstream]]`), one isolated instance
+//!   each, and the router that picks one per request.
 //! - [`failpoint`]: crash points for the kill tests (feature `failpoints`).
 //! - [`upstream`]: the pooled client to the registry, header hygiene and URL
 //!   rewriting.
@@ -53,6 +55,7 @@ pub(crate) mod failpoint;
 pub mod index;
 pub(crate) mod jwt;
 pub mod metrics;
+pub mod mirror;
 pub mod oci;
 pub(crate) mod proxy;
 pub(crate) mod referrers;
@@ -88,19 +91,22 @@ pub async fn run(
     // Background loops watch this and return once it turns true.
     let (stop, stopped) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(recover_in_background(
-        proxy.referrers().clone(),
-        stopped.clone(),
-    ));
-    if let Some(cache) = proxy.cache() {
-        background.spawn(cache::upkeep(cache.clone(), stopped.clone()));
+    // Each upstream's instance (one unless mirroring) has its own loops.
+    for instance in proxy.instances() {
+        background.spawn(recover_in_background(
+            instance.referrers().clone(),
+            stopped.clone(),
+        ));
+        if let Some(cache) = instance.cache() {
+            background.spawn(cache::upkeep(cache.clone(), stopped.clone()));
+        }
+        background.spawn(index::prune_periodically(
+            instance.referrers().index().clone(),
+            index::PruneBounds::from_config(&instance.config),
+            instance.config.clock.clone(),
+            stopped.clone(),
+        ));
     }
-    background.spawn(index::prune_periodically(
-        proxy.referrers().index().clone(),
-        index::PruneBounds::from_config(&proxy.config),
-        proxy.config.clock.clone(),
-        stopped.clone(),
-    ));
     drop(stopped);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = proxy.upstream.origin(), "graft listening");
@@ -113,7 +119,7 @@ pub async fn run(
             tracing::error!(error = %e, "a background task failed");
         }
     }
-    if let Some(cache) = proxy.cache().cloned() {
+    for cache in proxy.instances().iter().filter_map(|p| p.cache().cloned()) {
         // The last few seconds of access times would otherwise be lost,
         // and eviction would take those files for unused.
         let flushed = tokio::task::spawn_blocking(move || cache.flush_touches()).await;

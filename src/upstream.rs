@@ -293,6 +293,22 @@ impl Upstream {
     /// afterwards; it is the caller's to forward or read.
     pub async fn send(
         &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
+        let own = req.headers().get(header::AUTHORIZATION).cloned();
+        if own.is_some() && self.tokens.has_credentials() && self.tokens.is_own(own.as_ref()) {
+            // Mirror mode put graft's own credentials on a client's
+            // request (crate::mirror): answer the registry's challenge
+            // with graft's token, as for graft's own requests.
+            return self.send_as_graft(req, own).await;
+        }
+        self.send_plain(req).await
+    }
+
+    /// [`Upstream::send`] without the mirror-mode token exchange: what
+    /// [`Upstream::call`] uses, which answers challenges itself.
+    async fn send_plain(
+        &self,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
         req.headers_mut()
@@ -300,6 +316,88 @@ impl Upstream {
         let started = Instant::now();
         let resp = self.request(req).await?;
         Ok((resp, started.elapsed()))
+    }
+
+    /// A client's request carrying graft's own `Authorization` (mirror
+    /// mode): sent with graft's cached token for its scope; a bodiless one
+    /// challenged is sent again with a fresh token, and one with a body
+    /// (which cannot be sent twice) gets its token from a `/v2/` probe first.
+    async fn send_as_graft(
+        &self,
+        mut req: Request<Body>,
+        own: Option<HeaderValue>,
+    ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let guess = token::scope_for(&method, &path);
+        let cached = self.tokens.cached_for(&method, &path);
+        let replayable = matches!(method, Method::GET | Method::HEAD);
+        let bearer = match cached {
+            Some(b) => Some(b),
+            None if !replayable => {
+                let mut probe = Request::builder()
+                    .method(Method::GET)
+                    .uri(
+                        self.uri("/v2/")
+                            .map_err(|e| UpstreamError::Request(e.to_string()))?,
+                    )
+                    .header(header::HOST, self.authority.clone());
+                if let Some(a) = &own {
+                    probe = probe.header(header::AUTHORIZATION, a.clone());
+                }
+                let probe = probe
+                    .body(body::empty())
+                    .map_err(|e| UpstreamError::Request(e.to_string()))?;
+                let probe = self.request(probe).await?;
+                match Challenge::find(probe.headers()) {
+                    // `/v2/`'s challenge names no scope: ask for this
+                    // request's, so the token is good for it.
+                    Some(mut c) => {
+                        c.scope = c.scope.or_else(|| guess.clone());
+                        self.token_for_request(&c, own.as_ref(), guess.clone())
+                            .await
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        if let Some(b) = &bearer {
+            req.headers_mut().insert(header::AUTHORIZATION, b.clone());
+        }
+        req.headers_mut()
+            .insert(header::HOST, self.authority.clone());
+        let again = replayable.then(|| crate::proxy::head_only(&req));
+        let resp = self.request(req).await?;
+        let challenge = (resp.status() == http::StatusCode::UNAUTHORIZED)
+            .then(|| Challenge::find(resp.headers()))
+            .flatten();
+        let (Some(mut again), Some(challenge)) = (again, challenge) else {
+            return Ok((resp, started.elapsed()));
+        };
+        let tried = bearer.as_ref().or(own.as_ref());
+        let Some(fresh) = self.token_for_request(&challenge, tried, guess).await else {
+            return Ok((resp, started.elapsed()));
+        };
+        again.headers_mut().insert(header::AUTHORIZATION, fresh);
+        let resp = self.request(again).await?;
+        Ok((resp, started.elapsed()))
+    }
+
+    async fn token_for_request(
+        &self,
+        challenge: &Challenge,
+        tried: Option<&HeaderValue>,
+        guess: Option<String>,
+    ) -> Option<HeaderValue> {
+        match self.tokens.token_for(self, challenge, tried, guess).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "no token for graft's own credentials");
+                None
+            }
+        }
     }
 
     /// One request, bounded by `response_timeout` until its head arrives.
@@ -374,7 +472,7 @@ impl Upstream {
         let req = req
             .body(body::full(body))
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        Ok(self.send(req).await?.0)
+        Ok(self.send_plain(req).await?.0)
     }
 
     /// A GET of an absolute URL (a redirect target, possibly on another

@@ -44,6 +44,9 @@ pub struct Proxy {
     /// What the status page keeps beside the metrics (last probe, last
     /// errors, index counts).
     pub(crate) board: Arc<crate::status::Board>,
+    /// With `[[upstream]]` entries: the other upstreams' instances and how
+    /// requests are routed to them (this one is the default).
+    pub(crate) mirror: Option<crate::mirror::Router>,
 }
 
 /// What the access log learns from a handled request, carried to the
@@ -64,8 +67,18 @@ pub(crate) struct Outcome {
 }
 
 impl Proxy {
-    /// Opens the index under the data directory and connects the upstream.
+    /// Opens the index under the data directory and connects the upstream;
+    /// with `[[upstream]]` entries, one instance each (`crate::mirror`).
     pub fn new(config: Config) -> Result<Proxy, Error> {
+        if config.upstreams.is_empty() {
+            Proxy::single(config)
+        } else {
+            crate::mirror::build(config)
+        }
+    }
+
+    /// The instance for one upstream.
+    pub(crate) fn single(config: Config) -> Result<Proxy, Error> {
         let upstream = Upstream::new(&config.upstream)?;
         let keys = CredentialKeys::load_or_create(&config.storage.data_dir).map_err(|e| {
             Error::Startup(format!(
@@ -152,7 +165,14 @@ impl Proxy {
             referrers,
             cache,
             metrics,
+            mirror: None,
         })
+    }
+
+    /// This instance and, in mirror mode, every other upstream's.
+    pub(crate) fn instances(&self) -> Vec<&Proxy> {
+        let others = self.mirror.iter().flat_map(|m| m.others());
+        std::iter::once(self).chain(others.map(|p| &**p)).collect()
     }
 
     fn render_metrics(&self) -> Response<Body> {
@@ -184,6 +204,19 @@ impl Proxy {
     /// The response carries a `Handled` extension for the access log,
     /// which the server's layers write when the body is done.
     pub async fn handle(
+        &self,
+        req: Request<Body>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> Response<Body> {
+        match &self.mirror {
+            Some(router) => router.handle(self, req, peer, scheme).await,
+            None => self.handle_here(req, peer, scheme).await,
+        }
+    }
+
+    /// Handles a request for this instance's own upstream.
+    pub(crate) async fn handle_here(
         &self,
         req: Request<Body>,
         peer: SocketAddr,
