@@ -72,16 +72,9 @@ fn reindex(args: &ReindexArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut repos = Vec::with_capacity(args.repos.len());
-    for r in &args.repos {
-        match graft::oci::RepoName::parse(r) {
-            Ok(r) => repos.push(r),
-            Err(e) => {
-                eprintln!("graft reindex: --repo {e}");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    let Some(repos) = repo_names(&args.repos, "graft reindex") else {
+        return ExitCode::from(2);
+    };
     // Draws only when stderr is a terminal; log lines go above it.
     let bar = Bar::new();
     let above = bar.clone();
@@ -106,6 +99,16 @@ fn reindex(args: &ReindexArgs) -> ExitCode {
     }
 }
 
+/// The `--repo` values of `command`, or `None` after saying which is not a
+/// repository name.
+fn repo_names(names: &[String], command: &str) -> Option<Vec<graft::oci::RepoName>> {
+    names
+        .iter()
+        .map(|r| graft::oci::RepoName::parse(r).map_err(|e| eprintln!("{command}: --repo {e}")))
+        .collect::<Result<_, ()>>()
+        .ok()
+}
+
 /// `graft migrate`: exit 0 when every fallback-tag referrer is listed by
 /// the registry's own referrers API, 1 when something is left (failed, or
 /// a dry run found work), 2 for bad arguments.
@@ -118,16 +121,9 @@ fn migrate(args: &MigrateArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut repos = Vec::with_capacity(args.repos.len());
-    for r in &args.repos {
-        match graft::oci::RepoName::parse(r) {
-            Ok(r) => repos.push(r),
-            Err(e) => {
-                eprintln!("graft migrate: --repo {e}");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    let Some(repos) = repo_names(&args.repos, "graft migrate") else {
+        return ExitCode::from(2);
+    };
     let opts = migrate::MigrateOptions {
         repos,
         dry_run: args.dry_run,
